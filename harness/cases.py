@@ -1,0 +1,217 @@
+"""Parity cases as data: a TOML file per case (config, weight seed, prompts, tolerances).
+
+A case is materialised into an HF-layout checkpoint directory deterministically (per-tensor seeds
+derived from the case seed and the tensor name) and cached by a hash of its content, so every
+backend reads the same bytes and a rerun costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from harness.compare import Tolerance
+from harness.errors import InputError
+from references.checkpoint_spec import Init, TensorSpec, expected_tensors
+from references.config import ARCHITECTURE, MODEL_TYPE, config_from_dict
+
+CASES_DIR = Path(__file__).resolve().parent.parent / "cases"
+GENERATOR_VERSION = 1  # bump when the weight generator changes: invalidates the cache
+TRUNK_SHARD_TENSORS = 400  # trunk tensors per shard; small cases still get >1 shard via the index
+
+# Defaults by the candidate's dtype; a case may tighten or loosen them.
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(nmse=1e-18, top1=1.0, index_agreement=1.0),
+    "float32": Tolerance(nmse=1e-8, top1=1.0, index_agreement=1.0),
+    "bfloat16": Tolerance(nmse=5e-2, top1=0.8, index_agreement=0.0),
+}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parity case: a model config, a weight seed and the prompts to run through it."""
+
+    name: str
+    description: str
+    seed: int
+    config: dict[str, Any]
+    prompts: tuple[Prompt, ...]
+    tolerances: dict[str, Tolerance] = field(default_factory=dict)
+    decode_steps: int = 8
+    source: Path | None = None
+
+    def tolerance(self, dtype: str) -> Tolerance:
+        """The tolerance for a candidate computing in ``dtype``."""
+        return self.tolerances.get(dtype, DEFAULT_TOLERANCES[dtype])
+
+    def config_json(self) -> dict[str, Any]:
+        """The ``config.json`` this case writes (architecture keys filled in)."""
+        return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, **self.config}
+
+    def content_hash(self) -> str:
+        blob = json.dumps(
+            {"config": self.config_json(), "seed": self.seed, "generator": GENERATOR_VERSION},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_CASE_KEYS = {"description", "seed", "config", "prompts", "tolerances", "decode_steps"}
+
+
+def load_case(path: Path) -> Case:
+    """Parse and validate one case file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot be read ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: not valid TOML ({e})") from None
+    unknown = set(raw) - _CASE_KEYS
+    if unknown:
+        raise InputError(f"{path}: unknown key(s) {sorted(unknown)}; expected {sorted(_CASE_KEYS)}")
+    for key in ("seed", "config", "prompts"):
+        if key not in raw:
+            raise InputError(f"{path}: missing key {key!r}")
+    cfg = config_from_dict({"architectures": [ARCHITECTURE], **raw["config"]}, path)
+    prompts = tuple(_prompt(path, i, p, cfg.vocab_size) for i, p in enumerate(raw["prompts"]))
+    tolerances = {}
+    for dtype, t in raw.get("tolerances", {}).items():
+        if dtype not in DEFAULT_TOLERANCES:
+            raise InputError(f"{path}: tolerances.{dtype}: unknown dtype")
+        base = DEFAULT_TOLERANCES[dtype].__dict__ | dict(t)
+        try:
+            tolerances[dtype] = Tolerance.from_mapping(base)
+        except ValueError as e:
+            raise InputError(f"{path}: tolerances.{dtype}: {e}") from None
+    return Case(
+        name=path.stem,
+        description=str(raw.get("description", "")),
+        seed=int(raw["seed"]),
+        config=dict(raw["config"]),
+        prompts=prompts,
+        tolerances=tolerances,
+        decode_steps=int(raw.get("decode_steps", 8)),
+        source=path,
+    )
+
+
+def _prompt(path: Path, i: int, raw: dict[str, Any], vocab: int) -> Prompt:
+    where = f"{path}: prompts[{i}]"
+    if "name" not in raw:
+        raise InputError(f"{where}: missing key 'name'")
+    if "tokens" in raw:
+        tokens = [int(t) for t in raw["tokens"]]
+    elif "random" in raw:
+        spec = raw["random"]
+        rng = np.random.default_rng(int(spec["seed"]))
+        tokens = rng.integers(0, vocab, size=int(spec["length"])).tolist()
+    else:
+        raise InputError(f"{where}: needs 'tokens = [...]' or 'random = {{length, seed}}'")
+    if not tokens:
+        raise InputError(f"{where}: empty prompt")
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise InputError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+    return Prompt(name=str(raw["name"]), tokens=tuple(tokens))
+
+
+def load_cases(names: list[str] | None = None, cases_dir: Path = CASES_DIR) -> list[Case]:
+    """All cases in ``cases_dir`` (sorted by name), or just the named ones."""
+    found = {p.stem: p for p in sorted(Path(cases_dir).glob("*.toml"))}
+    if names:
+        unknown = [n for n in names if n not in found]
+        if unknown:
+            raise InputError(f"unknown case(s) {unknown}; available: {sorted(found)}")
+        return [load_case(found[n]) for n in names]
+    return [load_case(p) for p in found.values()]
+
+
+def cache_root() -> Path:
+    """Where materialised checkpoints live (``BAILING_PARITY_CACHE`` overrides)."""
+    env = os.environ.get("BAILING_PARITY_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "bailing-parity"
+
+
+def generate_tensor(spec: TensorSpec, seed: int) -> np.ndarray:
+    """A deterministic random tensor: seeded by the case seed and the tensor's name."""
+    name_seed = int.from_bytes(hashlib.sha256(spec.name.encode()).digest()[:8], "little")
+    rng = np.random.default_rng([seed, name_seed])
+    normal = rng.standard_normal(spec.shape)
+    if spec.init is Init.LINEAR:
+        values = normal / np.sqrt(spec.shape[-1])
+    elif spec.init is Init.EMBED:
+        values = normal
+    elif spec.init is Init.NORM:
+        values = 1.0 + 0.1 * normal
+    else:  # Init.BIAS
+        values = 0.1 * normal
+    return values.astype(np.float32)
+
+
+def materialize(case: Case, root: Path | None = None) -> Path:
+    """The case's checkpoint directory, written once (atomically), reused while its hash holds."""
+    root = root or cache_root()
+    target = root / "checkpoints" / f"{case.name}-{case.content_hash()}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{case.name}-", dir=target.parent))
+    try:
+        write_checkpoint(case, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def write_checkpoint(case: Case, out_dir: Path) -> None:
+    """Write config.json, sharded trunk safetensors, the MTP file and the index into ``out_dir``."""
+    cfg_json = case.config_json()
+    cfg = config_from_dict(cfg_json, case.source or Path(case.name))
+    specs = expected_tensors(cfg)
+    trunk = [s for s in specs if not s.mtp]
+    mtp = [s for s in specs if s.mtp]
+    shards = [trunk[i : i + TRUNK_SHARD_TENSORS] for i in range(0, len(trunk), TRUNK_SHARD_TENSORS)]
+    if len(shards) == 1 and len(trunk) > 1:  # always exercise the index with >= 2 shards
+        half = len(trunk) // 2
+        shards = [trunk[:half], trunk[half:]]
+    files = [
+        (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards)
+    ]
+    if mtp:
+        files.append(("model-mtp-layer.safetensors", mtp))
+    weight_map: dict[str, str] = {}
+    total = 0
+    for fname, group in files:
+        tensors = {s.name: generate_tensor(s, case.seed) for s in group}
+        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({s.name: fname for s in group})
+        total += sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(cfg_json, indent=2))

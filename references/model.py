@@ -1,0 +1,539 @@
+"""The Ling-2.6 (`BailingMoeV2_5ForCausalLM`) trunk and MTP head, as a readable reference.
+
+Forward (doc §2.2): x = Embed(tokens); per layer, pre-norm
+
+    a = RMSNorm_in(x);   h = x + Attn(a)   (MLA or GLA by the layer rule)
+    y = h + FFN(RMSNorm_post(h))           (dense SwiGLU for l < first_k_dense_replace, else MoE)
+
+then logits = lm_head(RMSNorm_model(x_L)).  A :class:`ReferenceSession` keeps the decode caches
+(MLA latents, GLA states, the position) so a prompt fed at once and fed token by token give the
+same numbers; float64 makes that exact to rounding.  Every knob of :class:`Variant` is applied at
+the single line where its math differs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness import capture_points
+from harness.errors import InputError
+from references.checkpoint_io import read_state_dict
+from references.config import BailingHybridConfig, load_config
+from references.gla import gla_chunked, gla_recurrent
+from references.mla import MLACache, MLADims, MLAWeights, mla_forward
+from references.moe import MoEWeights, RouterConfig, SwiGLUWeights, moe_forward
+from references.ops import accumulation_dtype, group_rms_norm, log_decay, rms_norm, rope
+from references.variant import CORRECT, Variant
+
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """How the reference computes; only ``variant`` changes the math itself."""
+
+    dtype: Literal["float64", "float32", "bfloat16"] = "float64"
+    device: str = "cpu"
+    gla_impl: Literal["chunked", "recurrent"] = "chunked"
+    chunk_size: int = 64
+    mla_impl: Literal["naive", "absorbed"] = "naive"
+    variant: Variant = CORRECT
+
+    def __post_init__(self) -> None:
+        choices = {
+            "dtype": tuple(TORCH_DTYPES),
+            "gla_impl": ("chunked", "recurrent"),
+            "mla_impl": ("naive", "absorbed"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r}; expected one of {allowed}")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
+            raise ValueError(f"chunk_size must be an integer, got {self.chunk_size!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if not isinstance(self.variant, Variant):
+            raise ValueError(f"variant must be a Variant, got {self.variant!r}")
+
+
+def layer_is_mla(cfg: BailingHybridConfig, layer: int, variant: Variant = CORRECT) -> bool:
+    """The layer rule: MLA iff (l+1) % G == 0, or (tail clause) l >= floor(L/G)*G."""
+    if variant.tail_clause:
+        return cfg.is_mla(layer)
+    return (layer + 1) % cfg.layer_group_size == 0
+
+
+@dataclass(frozen=True)
+class GLAWeights:
+    """One GLA layer: fused [Q|K|V] projection, QK-norms, output gate, GroupRMSNorm, dense."""
+
+    qkv: torch.Tensor  # [3*H*D, hidden], rows [Q_all | K_all | V_all], D fastest
+    q_norm: torch.Tensor  # [D]
+    k_norm: torch.Tensor  # [D]
+    g_proj: torch.Tensor  # [H*D, hidden]
+    g_norm: torch.Tensor  # [H*D]
+    dense: torch.Tensor  # [hidden, H*D]
+    log_decay: torch.Tensor  # [H] g_h(l) < 0: computed, never stored in the checkpoint
+
+
+@dataclass(frozen=True)
+class Block:
+    """One decoder layer."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    attention: MLAWeights | GLAWeights
+    ffn: SwiGLUWeights | MoEWeights
+
+
+@dataclass(frozen=True)
+class MTPHead:
+    """The NextN head (doc §3.1): enorm/hnorm, eh_proj, an MLA+MoE block, final_layernorm."""
+
+    enorm: torch.Tensor
+    hnorm: torch.Tensor
+    eh_proj: torch.Tensor  # [hidden, 2*hidden], columns [embedding | hidden]
+    final_norm: torch.Tensor
+    block: Block
+
+
+@dataclass
+class GLACache:
+    """Per-layer decode cache of a GLA layer: the recurrent state [H, D, D]."""
+
+    state: torch.Tensor | None = None
+
+
+Cache = MLACache | GLACache
+Namer = Callable[[str], "str | None"]
+
+# The MTP block's capture names; its other points have no canonical name.
+_MTP_NAMES = {
+    "attn_out": "mtp_attn_out",
+    "ffn_inp": "mtp_ffn_inp",
+    "ffn_moe_topk": "mtp_ffn_moe_topk",
+    "ffn_moe_weights": "mtp_ffn_moe_weights",
+    "ffn_out": "mtp_ffn_out",
+    "l_out": "mtp_l_out",
+}
+
+
+class _Recorder:
+    """Collects the requested captures as float64 (ids as int64) numpy arrays."""
+
+    def __init__(self, wanted: frozenset[str]) -> None:
+        self.wanted = wanted
+        self.captures: dict[str, np.ndarray] = {}
+
+    def put(self, name: str | None, value: torch.Tensor) -> None:
+        if name is None or name not in self.wanted:
+            return
+        as_type = torch.int64 if not value.is_floating_point() else torch.float64
+        self.captures[name] = value.detach().to("cpu", as_type).numpy()
+
+
+class BailingHybridReference:
+    """A checkpoint loaded for reference computation; :meth:`start` opens decode sessions."""
+
+    def __init__(
+        self, cfg: BailingHybridConfig, tensors: dict[str, np.ndarray], options: ReferenceOptions
+    ) -> None:
+        self.config = cfg
+        self.options = options
+        self.n_layers = cfg.num_hidden_layers
+        self.dtype = TORCH_DTYPES[options.dtype]
+        self.device = _device(options.device)
+        self.eps = cfg.rms_norm_eps
+        variant = options.variant
+        _check_variant(cfg, variant)
+        self._tensors = tensors
+        self.mla_dims = MLADims(
+            num_heads=cfg.num_attention_heads,
+            qk_nope_head_dim=cfg.qk_nope_head_dim,
+            qk_rope_head_dim=cfg.qk_rope_head_dim,
+            v_head_dim=cfg.v_head_dim,
+            kv_lora_rank=cfg.kv_lora_rank,
+            rope_theta=cfg.rope_theta,
+        )
+        self.router_config = RouterConfig(
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+        )
+        self.embed = self._get("model.word_embeddings.weight")
+        self.norm = self._get("model.norm.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else self._get("lm_head.weight")
+        self.blocks = [
+            self._block_weights(layer, mla=layer_is_mla(cfg, layer, variant), moe=cfg.is_moe(layer))
+            for layer in range(cfg.num_hidden_layers)
+        ]
+        self.mtp = self._mtp_weights() if self._has_mtp() else None
+        del self._tensors  # numpy copies are no longer needed
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint_dir: Path, options: ReferenceOptions | None = None
+    ) -> BailingHybridReference:
+        """Validate config.json and every tensor (names, shapes, finiteness), then load."""
+        options = options or ReferenceOptions()
+        _device(options.device)
+        cfg = load_config(Path(checkpoint_dir))
+        _check_variant(cfg, options.variant)
+        return cls(cfg, read_state_dict(Path(checkpoint_dir), cfg), options)
+
+    def start(self, capture: Collection[str] = ()) -> ReferenceSession:
+        """A fresh sequence recording the named points (``result_output`` always)."""
+        return ReferenceSession(self, self._check_capture(capture))
+
+    # ---- loading ----
+
+    def _get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.from_numpy(self._tensors[name]).to(self.device, dtype or self.dtype)
+
+    def _has_mtp(self) -> bool:
+        n = self.config.num_hidden_layers
+        return bool(self.config.num_nextn_predict_layers) and (
+            f"model.layers.{n}.eh_proj.weight" in self._tensors
+        )
+
+    def _block_weights(self, layer: int, *, mla: bool, moe: bool, mtp: bool = False) -> Block:
+        p = f"model.layers.{layer}"
+        return Block(
+            input_norm=self._get(f"{p}.input_layernorm.weight"),
+            post_norm=self._get(f"{p}.post_attention_layernorm.weight"),
+            attention=self._mla_weights(p) if mla else self._gla_weights(p, layer),
+            ffn=self._moe_weights(p, mtp) if moe else self._swiglu(f"{p}.mlp"),
+        )
+
+    def _swiglu(self, prefix: str) -> SwiGLUWeights:
+        return SwiGLUWeights(
+            gate=self._get(f"{prefix}.gate_proj.weight"),
+            up=self._get(f"{prefix}.up_proj.weight"),
+            down=self._get(f"{prefix}.down_proj.weight"),
+        )
+
+    def _mla_weights(self, p: str) -> MLAWeights:
+        a = f"{p}.attention"
+        if self.config.q_lora_rank:
+            q = {
+                "q_a_proj": self._get(f"{a}.q_a_proj.weight"),
+                "q_a_norm": self._get(f"{a}.q_a_layernorm.weight"),
+                "q_b_proj": self._get(f"{a}.q_b_proj.weight"),
+            }
+        else:
+            q = {"q_proj": self._get(f"{a}.q_proj.weight")}
+        return MLAWeights(
+            kv_a_proj=self._get(f"{a}.kv_a_proj_with_mqa.weight"),
+            kv_a_norm=self._get(f"{a}.kv_a_layernorm.weight"),
+            kv_b_proj=self._get(f"{a}.kv_b_proj.weight"),
+            dense=self._get(f"{a}.dense.weight"),
+            **q,
+        )
+
+    def _gla_weights(self, p: str, layer: int) -> GLAWeights:
+        cfg, a = self.config, f"{p}.attention"
+        g = log_decay(
+            cfg.num_attention_heads,
+            layer,
+            cfg.num_hidden_layers,
+            self.options.variant.slope_formula,
+        ).to(self.device, accumulation_dtype(self.dtype))
+        if not self.options.variant.tail_clause and cfg.is_mla(layer):
+            return self._stand_in_gla(layer, g)
+        return GLAWeights(
+            qkv=self._get(f"{a}.query_key_value.weight"),
+            q_norm=self._get(f"{a}.query_layernorm.weight"),
+            k_norm=self._get(f"{a}.key_layernorm.weight"),
+            g_proj=self._get(f"{a}.g_proj.weight"),
+            g_norm=self._get(f"{a}.g_norm.weight"),
+            dense=self._get(f"{a}.dense.weight"),
+            log_decay=g,
+        )
+
+    def _stand_in_gla(self, layer: int, g: torch.Tensor) -> GLAWeights:
+        """A variant that runs an MLA layer as GLA finds no GLA weights for it.
+
+        It behaves like an HF-style port with a wrong layer rule: the missing weights are freshly
+        initialised (seeded normal(0, 0.02), norms 1) and the MLA weights are ignored.
+        """
+        cfg = self.config
+        warnings.warn(
+            f"variant {self.options.variant.describe()} runs MLA layer {layer} as GLA: its GLA "
+            "weights are not in the checkpoint and are freshly initialised",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        gen = torch.Generator().manual_seed(layer)
+        width, hidden = cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size
+
+        def linear(*shape: int) -> torch.Tensor:
+            w = torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.02
+            return w.to(self.device, self.dtype)
+
+        def ones(n: int) -> torch.Tensor:
+            return torch.ones(n, device=self.device, dtype=self.dtype)
+
+        return GLAWeights(
+            qkv=linear(3 * width, hidden),
+            q_norm=ones(cfg.head_dim),
+            k_norm=ones(cfg.head_dim),
+            g_proj=linear(width, hidden),
+            g_norm=ones(width),
+            dense=linear(hidden, width),
+            log_decay=g,
+        )
+
+    def _moe_weights(self, p: str, mtp: bool) -> MoEWeights:
+        cfg = self.config
+        bias_name = f"{p}.mlp.gate.expert_bias"
+        has_bias = cfg.moe_router_enable_expert_bias and bias_name in self._tensors
+        if mtp and not self.options.variant.mtp_router_bias:
+            has_bias = False  # a port whose MTP router ignores expert_bias (LJ)
+        return MoEWeights(
+            router=self._get(f"{p}.mlp.gate.weight"),
+            # The bias is a float32 buffer (kept out of bfloat16, as mlx-lm does).
+            expert_bias=self._get(bias_name, accumulation_dtype(self.dtype)) if has_bias else None,
+            experts=tuple(self._swiglu(f"{p}.mlp.experts.{e}") for e in range(cfg.num_experts)),
+            shared=self._swiglu(f"{p}.mlp.shared_experts") if cfg.num_shared_experts else None,
+        )
+
+    def _mtp_weights(self) -> MTPHead:
+        """The first MTP layer (``model.layers.{L}``); it is always MLA + MoE."""
+        layer = self.config.num_hidden_layers
+        p = f"model.layers.{layer}"
+        return MTPHead(
+            enorm=self._get(f"{p}.enorm.weight"),
+            hnorm=self._get(f"{p}.hnorm.weight"),
+            eh_proj=self._get(f"{p}.eh_proj.weight"),
+            final_norm=self._get(f"{p}.final_layernorm.weight"),
+            block=self._block_weights(layer, mla=True, moe=True, mtp=True),
+        )
+
+    def _check_capture(self, capture: Collection[str]) -> frozenset[str]:
+        unknown = []
+        for name in capture:
+            try:
+                _, layer = capture_points.parse(name)
+            except capture_points.UnknownCapturePoint:
+                unknown.append(name)
+                continue
+            if layer is not None and layer >= self.n_layers:
+                unknown.append(name)
+        if unknown:
+            raise ValueError(
+                f"unknown capture point(s) {sorted(unknown)} for a {self.n_layers}-layer model; "
+                "see harness.capture_points"
+            )
+        return frozenset(capture) | {"result_output"}
+
+    # ---- compute ----
+
+    def block_forward(
+        self,
+        x: torch.Tensor,
+        block: Block,
+        cache: Cache,
+        positions: torch.Tensor,
+        rec: _Recorder,
+        name: Namer,
+    ) -> torch.Tensor:
+        """One pre-norm decoder layer on the new tokens ``x`` [T, hidden]; updates ``cache``."""
+        a = rms_norm(x, block.input_norm, self.eps)
+        rec.put(name("attn_norm"), a)
+        if isinstance(block.attention, MLAWeights):
+            assert isinstance(cache, MLACache)
+            attn, latent = mla_forward(
+                a,
+                block.attention,
+                self.mla_dims,
+                cache,
+                impl=self.options.mla_impl,
+                rope_style=self.options.variant.mla_rope,
+            )
+            rec.put(name("kv_cmpr"), latent)
+        else:
+            assert isinstance(cache, GLACache)
+            attn = self._gla(a, block.attention, cache, positions, rec, name)
+        rec.put(name("attn_out"), attn)
+        h = x + attn
+        rec.put(name("ffn_inp"), h)
+        f = rms_norm(h, block.post_norm, self.eps)
+        rec.put(name("ffn_norm"), f)
+        if isinstance(block.ffn, MoEWeights):
+            moe = moe_forward(f, block.ffn, self.router_config, self.options.variant)
+            rec.put(name("ffn_moe_logits"), moe.routing.logits)
+            rec.put(name("ffn_moe_topk"), moe.routing.ids)
+            rec.put(name("ffn_moe_weights"), moe.routing.weights)
+            if moe.shared is not None:
+                rec.put(name("ffn_shexp"), moe.shared)
+            ffn = moe.out
+        else:
+            ffn = block.ffn(f)
+        rec.put(name("ffn_out"), ffn)
+        y = h + ffn
+        rec.put(name("l_out"), y)
+        return y
+
+    def _gla(
+        self,
+        a: torch.Tensor,
+        w: GLAWeights,
+        cache: GLACache,
+        positions: torch.Tensor,
+        rec: _Recorder,
+        name: Namer,
+    ) -> torch.Tensor:
+        """Lightning attention (doc §2.4): QKV, QK-norm, partial RoPE, GLA, GroupRMSNorm, gate."""
+        cfg, variant = self.config, self.options.variant
+        t, n_heads, d = a.shape[0], cfg.num_attention_heads, cfg.head_dim
+        qkv = F.linear(a, w.qkv).view(t, 3 * n_heads, d).transpose(0, 1)  # [3H, T, D]
+        q, k, v = qkv.split(n_heads, dim=0)
+        if cfg.use_qk_norm:
+            q, k = rms_norm(q, w.q_norm, self.eps), rms_norm(k, w.k_norm, self.eps)
+        q = rope(q, positions, cfg.gla_rope_dim, cfg.rope_theta, variant.gla_rope)
+        k = rope(k, positions, cfg.gla_rope_dim, cfg.rope_theta, variant.gla_rope)
+        if self.options.gla_impl == "chunked":
+            o, cache.state = gla_chunked(
+                q, k, v, w.log_decay, d**-0.5, cache.state, self.options.chunk_size
+            )
+        else:
+            o, cache.state = gla_recurrent(q, k, v, w.log_decay, d**-0.5, cache.state)
+        o = o.transpose(0, 1).reshape(t, n_heads * d)
+        rec.put(name("gla_out"), o)
+        width = n_heads * d
+        groups = (
+            cfg.group_norm_size
+            if variant.group_norm == "groups"
+            else width // cfg.group_norm_size  # wrong: group_norm_size channels per group
+        )
+        normed = group_rms_norm(o, groups, w.g_norm, self.eps)
+        gate = F.linear(a if variant.gate_input == "attn_norm" else o, w.g_proj)
+        rec.put(name("g_gate"), gate)
+        return F.linear(normed * torch.sigmoid(gate), w.dense)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return F.linear(normed, self.lm_head)
+
+
+class ReferenceSession:
+    """One sequence: feeds tokens through the trunk (and the MTP head when asked) with caches.
+
+    MTP rows: position t needs token t+1, so a ``feed`` returns MTP captures for every position
+    whose next token has become known -- a position left pending by the previous feed (its next
+    token is the first of this feed), this feed's positions but the last, and the last one too
+    when ``next_token`` is given.  A prompt fed at once therefore yields MTP rows for positions
+    0..T-2, and the same rows, in order, when fed token by token.
+    """
+
+    def __init__(self, model: BailingHybridReference, capture: frozenset[str]) -> None:
+        self._m = model
+        self._rec_names = capture
+        self._caches: list[Cache] = [
+            MLACache() if isinstance(b.attention, MLAWeights) else GLACache() for b in model.blocks
+        ]
+        self.position = 0
+        self._mtp_on = model.mtp is not None and any(n.startswith("mtp_") for n in capture)
+        self._mtp_cache = MLACache()
+        self._mtp_done = 0  # positions the MTP head has processed
+        self._tokens: list[int] = []
+        self._pending: torch.Tensor | None = None  # trunk hidden rows awaiting their next token
+        self._promised: int | None = None  # a next_token the following feed must start with
+
+    @torch.no_grad()
+    def feed(self, tokens: Sequence[int], next_token: int | None = None) -> dict[str, np.ndarray]:
+        """Run ``tokens`` after everything fed before; return the captures for these tokens.
+
+        ``next_token`` (the token that will follow, when known) only lets the MTP head produce
+        its row for the last position now instead of on the next feed.
+        """
+        m = self._m
+        tokens = self._check_tokens(tokens, next_token)
+        rec = _Recorder(self._rec_names)
+        t = len(tokens)
+        positions = torch.arange(self.position, self.position + t, device=m.device)
+        x = m.embed[torch.tensor(tokens, device=m.device)]
+        for i, (block, cache) in enumerate(zip(m.blocks, self._caches, strict=True)):
+            x = m.block_forward(x, block, cache, positions, rec, lambda s, i=i: f"{s}-{i}")
+        self.position += t
+        hidden = rms_norm(x, m.norm, m.eps)
+        rec.put("result_norm", hidden)
+        rec.put("result_output", m.logits(hidden))
+        if self._mtp_on:
+            mtp_hidden = hidden if m.options.variant.mtp_hidden == "post_norm" else x
+            self._feed_mtp(tokens, next_token, mtp_hidden, rec)
+        return rec.captures
+
+    def _check_tokens(self, tokens: Sequence[int], next_token: int | None) -> list[int]:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("feed needs at least one token")
+        vocab = self._m.config.vocab_size
+        bad = [t for t in [*tokens, next_token] if t is not None and not 0 <= t < vocab]
+        if bad:
+            raise InputError(f"token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        if self._mtp_on and self._promised is not None and tokens[0] != self._promised:
+            raise ValueError(
+                f"the previous feed promised next_token={self._promised}, but this feed starts "
+                f"with {tokens[0]}: the MTP head already used the promised token"
+            )
+        return tokens
+
+    def _feed_mtp(
+        self, tokens: list[int], next_token: int | None, hidden: torch.Tensor, rec: _Recorder
+    ) -> None:
+        """MTP (doc §3.1) for the positions whose next token is now known."""
+        m, variant = self._m, self._m.options.variant
+        head = m.mtp
+        assert head is not None
+        start = self._mtp_done
+        self._tokens.extend(tokens)
+        self._pending = hidden if self._pending is None else torch.cat((self._pending, hidden))
+        known = self._tokens if next_token is None else [*self._tokens, next_token]
+        stop = len(known) - 1  # positions start..stop-1 have their next token
+        rows, self._pending = self._pending[: stop - start], self._pending[stop - start :]
+        self._mtp_done, self._promised = stop, next_token
+        ids = [known[p + variant.mtp_token_shift] for p in range(start, stop)]
+        e = rms_norm(
+            m.embed[torch.tensor(ids, dtype=torch.long, device=m.device)], head.enorm, m.eps
+        )
+        rec.put("mtp_enorm", e)
+        hn = rms_norm(rows, head.hnorm, m.eps)
+        rec.put("mtp_hnorm", hn)
+        pair = (e, hn) if variant.mtp_concat == "embed_first" else (hn, e)
+        u = F.linear(torch.cat(pair, dim=-1), head.eh_proj)
+        rec.put("mtp_eh_proj", u)
+        positions = torch.arange(start, stop, device=m.device)
+        y = m.block_forward(u, head.block, self._mtp_cache, positions, rec, _MTP_NAMES.get)
+        final = head.final_norm if variant.mtp_final_norm == "mtp_final_layernorm" else m.norm
+        normed = rms_norm(y, final, m.eps)
+        rec.put("mtp_result_norm", normed)
+        rec.put("mtp_result_output", m.logits(normed))
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device {name!r} is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but CUDA is not available to torch")
+    return device
+
+
+def _check_variant(cfg: BailingHybridConfig, variant: Variant) -> None:
+    width = cfg.num_attention_heads * cfg.head_dim
+    if variant.gate_input == "attn_output" and width != cfg.hidden_size:
+        raise ValueError(
+            f"variant gate_input='attn_output' feeds the GLA output [T, H*D={width}] to g_proj "
+            f"[H*D, hidden={cfg.hidden_size}]: the mutation needs H*D == hidden"
+        )
