@@ -129,12 +129,8 @@ def run_parity(args: argparse.Namespace) -> int:
             except PortFailure as e:
                 runner.findings.append(str(e))
                 broken += 1
-    if out is None:
-        out = write_run(runner.results, Path("reports"), title=f"parity: {checkpoint}",
-                        findings=runner.findings, environment=environment(), name="parity")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_run_into(runner, out, checkpoint)
+    out = write_run(runner.results, Path("reports"), title=f"parity: {checkpoint}",
+                    findings=runner.findings, environment=environment(), name="parity", out=out)
     summary = summary_json(runner.results)
     summary["findings"] = runner.findings
     summary["checkpoint"] = str(checkpoint)
@@ -143,15 +139,6 @@ def run_parity(args: argparse.Namespace) -> int:
     print_summary(runner.results, runner.findings)
     print(f"report: {out / 'index.html'}")
     return 1 if broken or not runner.results or not summary["passed"] else 0
-
-
-def write_run_into(runner: Runner, out: Path, checkpoint: Path) -> None:
-    from harness.compare import save_results
-    from harness.report import write_report
-
-    save_results(runner.results, out)
-    write_report(runner.results, out, title=f"parity: {checkpoint}", environment=environment(),
-                 findings=runner.findings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ a failing item's message names the first divergent capture point and its metric.
 from __future__ import annotations
 
 import platform
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -141,10 +142,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 def environment() -> dict[str, str]:
     """What the run ran on: recorded in every report."""
     env = {"python": platform.python_version(), "machine": platform.platform()}
-    for pkg in ("torch", "mlx", "mlx_lm", "numpy"):
+    for dist in ("torch", "mlx", "mlx-lm", "numpy", "llama-cpp-python"):
         try:
-            mod = __import__(pkg)
-            env[pkg] = getattr(mod, "__version__", "?")
-        except ImportError:
-            env[pkg] = "not installed"
+            env[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            env[dist] = "not installed"
     return env

@@ -11,6 +11,7 @@ import itertools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,17 @@ _KLD_KEYS: tuple[str, ...] = (
 
 # --------------------------------------------------------------------------------------------
 # Run directories
+
+
+@dataclass(frozen=True)
+class Section:
+    """A report section produced by another module (throughput, MTP, gate): a title and the
+    HTML it renders itself. The HTML is inserted as is, so it must come from our own code and
+    escape any user text (``markupsafe.escape``); charts go in as inline SVG in a
+    ``<div class="chart">``."""
+
+    title: str
+    html: str
 
 
 def _timestamp() -> str:
@@ -230,6 +242,7 @@ def _context(
     title: str,
     environment: Mapping[str, str],
     findings: Iterable[str],
+    sections: Sequence[Section] = (),
 ) -> dict[str, Any]:
     by_case: dict[str, list[tuple[int, PairResult]]] = {}
     for i, r in enumerate(results):
@@ -266,6 +279,10 @@ def _context(
         "findings": [str(f) for f in findings],
         "overview": overview,
         "cases": cases,
+        "sections": [
+            {"title": s.title, "anchor": f"section-{i}", "html": Markup(s.html)}  # trusted: ours
+            for i, s in enumerate(sections, start=1)
+        ],
     }
 
 
@@ -285,9 +302,10 @@ def render_report(
     title: str,
     environment: Mapping[str, str],
     findings: Iterable[str] = (),
+    sections: Sequence[Section] = (),
 ) -> str:
     """The report as one HTML string (for tests and for callers that store it elsewhere)."""
-    context = _context(results, title, environment, findings)
+    context = _context(results, title, environment, findings, sections)
     return _environment().get_template(_TEMPLATE).render(**context)
 
 
@@ -298,13 +316,16 @@ def write_report(
     title: str,
     environment: dict[str, str],
     findings: Sequence[str] = (),
+    sections: Sequence[Section] = (),
 ) -> Path:
     """Write ``out_dir/index.html``; refuses to replace an existing report (FileExistsError)."""
     path = Path(out_dir) / "index.html"
     message = f"refusing to overwrite the existing report {path}; write to a new run directory"
     if path.exists():
         raise FileExistsError(message)
-    html = render_report(results, title=title, environment=environment, findings=findings)
+    html = render_report(
+        results, title=title, environment=environment, findings=findings, sections=sections
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with path.open("x", encoding="utf-8") as f:
