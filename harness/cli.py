@@ -6,6 +6,7 @@ Exit codes: 0 every compared pair passed, 1 some pair failed (or a port broke), 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -23,12 +24,15 @@ from harness.summary import print_summary
 from harness.targets import REFERENCE, Target, parse_targets
 
 DEFAULT_PROMPT_LENGTH = 64
+# Other subcommands live in their own modules, each with add_parser(subparsers) and run(args).
+SUBCOMMAND_MODULES = ("harness.sweep_cli", "harness.gate_cli", "harness.mtp_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("parity", help="compare backends with the float64 reference, per layer")
+    p.set_defaults(func=run_parity)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="HF-layout directory: config.json + model*.safetensors (+ index)")
     p.add_argument("--backends", default="torch,mlx",
@@ -43,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode mode: tokens fed one at a time after the prefill")
     p.add_argument("--out", type=Path,
                    help="output folder (must not hold a report); default reports/<time>-parity")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.add_parser(sub)
     return parser
 
 
@@ -145,9 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "parity":
-            return run_parity(args)
+        return int(args.func(args))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 2

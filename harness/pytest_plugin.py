@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.cases import CASES_DIR, Case, load_case, materialize
+from harness.compare import explain_divergence
 from harness.errors import InputError, PortFailure
 from harness.runner import MODES, Runner
 from harness.summary import print_summary
@@ -112,7 +113,8 @@ class ParityItem(pytest.Item):
         except InputError as e:
             raise ParityFailure(f"bad input: {e}") from None
         if not result.passed:
-            raise ParityFailure(result.summary_line())
+            why = explain_divergence(result.first_divergence) if result.first_divergence else ""
+            raise ParityFailure(f"{result.summary_line()}\n  {why}".rstrip())
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, ParityFailure):
