@@ -18,16 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from harness.compare import Tolerance
 from harness.errors import InputError
-from references.checkpoint_spec import Init, TensorSpec, expected_tensors
-from references.config import ARCHITECTURE, MODEL_TYPE, config_from_dict
+from harness.families import family_named
 
 CASES_DIR = Path(__file__).resolve().parent.parent / "cases"
-GENERATOR_VERSION = 1  # bump when the weight generator changes: invalidates the cache
-TRUNK_SHARD_TENSORS = 400  # trunk tensors per shard; small cases still get >1 shard via the index
+GENERATOR_VERSION = 1  # bump when a synthetic writer changes: invalidates the cache
 
 # Defaults by the candidate's dtype; a case may tighten or loosen them.
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
@@ -55,14 +52,16 @@ class Case:
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
     decode_steps: int = 8
     source: Path | None = None
+    family: str = "ling26"
 
     def tolerance(self, dtype: str) -> Tolerance:
         """The tolerance for a candidate computing in ``dtype``."""
         return self.tolerances.get(dtype, DEFAULT_TOLERANCES[dtype])
 
     def config_json(self) -> dict[str, Any]:
-        """The ``config.json`` this case writes (architecture keys filled in)."""
-        return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, **self.config}
+        """The ``config.json`` this case writes (architecture keys filled in by the family)."""
+        fam = family_named(self.family)
+        return {"architectures": [fam.architecture], "model_type": fam.model_type, **self.config}
 
     def content_hash(self) -> str:
         blob = json.dumps(
@@ -72,7 +71,7 @@ class Case:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-_CASE_KEYS = {"description", "seed", "config", "prompts", "tolerances", "decode_steps"}
+_CASE_KEYS = {"description", "family", "seed", "config", "prompts", "tolerances", "decode_steps"}
 
 
 def load_case(path: Path) -> Case:
@@ -90,7 +89,8 @@ def load_case(path: Path) -> Case:
     for key in ("seed", "config", "prompts"):
         if key not in raw:
             raise InputError(f"{path}: missing key {key!r}")
-    cfg = config_from_dict({"architectures": [ARCHITECTURE], **raw["config"]}, path)
+    family = family_named(str(raw.get("family", "ling26")))
+    cfg = family.validate_config({"architectures": [family.architecture], **raw["config"]}, path)
     prompts = tuple(_prompt(path, i, p, cfg.vocab_size) for i, p in enumerate(raw["prompts"]))
     tolerances = {}
     for dtype, t in raw.get("tolerances", {}).items():
@@ -110,6 +110,7 @@ def load_case(path: Path) -> Case:
         tolerances=tolerances,
         decode_steps=int(raw.get("decode_steps", 8)),
         source=path,
+        family=family.name,
     )
 
 
@@ -153,22 +154,6 @@ def cache_root() -> Path:
     return Path(xdg) / "bailing-parity"
 
 
-def generate_tensor(spec: TensorSpec, seed: int) -> np.ndarray:
-    """A deterministic random tensor: seeded by the case seed and the tensor's name."""
-    name_seed = int.from_bytes(hashlib.sha256(spec.name.encode()).digest()[:8], "little")
-    rng = np.random.default_rng([seed, name_seed])
-    normal = rng.standard_normal(spec.shape)
-    if spec.init is Init.LINEAR:
-        values = normal / np.sqrt(spec.shape[-1])
-    elif spec.init is Init.EMBED:
-        values = normal
-    elif spec.init is Init.NORM:
-        values = 1.0 + 0.1 * normal
-    else:  # Init.BIAS
-        values = 0.1 * normal
-    return values.astype(np.float32)
-
-
 def materialize(case: Case, root: Path | None = None) -> Path:
     """The case's checkpoint directory, written once (atomically), reused while its hash holds."""
     root = root or cache_root()
@@ -190,28 +175,5 @@ def materialize(case: Case, root: Path | None = None) -> Path:
 
 
 def write_checkpoint(case: Case, out_dir: Path) -> None:
-    """Write config.json, sharded trunk safetensors, the MTP file and the index into ``out_dir``."""
-    cfg_json = case.config_json()
-    cfg = config_from_dict(cfg_json, case.source or Path(case.name))
-    specs = expected_tensors(cfg)
-    trunk = [s for s in specs if not s.mtp]
-    mtp = [s for s in specs if s.mtp]
-    shards = [trunk[i : i + TRUNK_SHARD_TENSORS] for i in range(0, len(trunk), TRUNK_SHARD_TENSORS)]
-    if len(shards) == 1 and len(trunk) > 1:  # always exercise the index with >= 2 shards
-        half = len(trunk) // 2
-        shards = [trunk[:half], trunk[half:]]
-    files = [
-        (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards)
-    ]
-    if mtp:
-        files.append(("model-mtp-layer.safetensors", mtp))
-    weight_map: dict[str, str] = {}
-    total = 0
-    for fname, group in files:
-        tensors = {s.name: generate_tensor(s, case.seed) for s in group}
-        save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
-        weight_map.update({s.name: fname for s in group})
-        total += sum(t.nbytes for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out_dir / "config.json").write_text(json.dumps(cfg_json, indent=2))
+    """Write the case's checkpoint into ``out_dir`` with its family's synthetic writer."""
+    family_named(case.family).write(case.config_json(), case.seed, out_dir)
