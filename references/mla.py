@@ -28,6 +28,8 @@ LORA_NORM_EPS = 1e-6
 MlaImpl = Literal["naive", "absorbed"]
 
 
+QUERY_BLOCK = 512  # query rows attended at once
+
 @dataclass(frozen=True)
 class MLADims:
     """The MLA shape parameters (names as in config.json)."""
@@ -115,7 +117,16 @@ def mla_forward(
     q_offset = cache.length
     cache.append(latent, k_pe)
     attend = {"naive": _attend_naive, "absorbed": _attend_absorbed}[impl]
-    o = attend(q_nope, q_pe, cache, w.kv_b_proj, dims, q_offset)  # [H, T, v]
+    # Query blocks keep the score matrix at [H, block, S] instead of [H, T, S]: a long prompt
+    # costs O(T * block) memory, not O(T^2); rows are independent, so the math is unchanged.
+    o = torch.cat(
+        [
+            attend(q_nope[:, i : i + QUERY_BLOCK], q_pe[:, i : i + QUERY_BLOCK], cache,
+                   w.kv_b_proj, dims, q_offset + i)
+            for i in range(0, max(t, 1), QUERY_BLOCK)  # t == 0: one empty block
+        ],
+        dim=1,
+    )  # [H, T, v]
     return F.linear(o.transpose(0, 1).reshape(t, h * dims.v_head_dim), w.dense), latent
 
 
