@@ -1,0 +1,192 @@
+"""Speculative decoding sessions over the reference: the trunk plus the MTP head as a drafter.
+
+:class:`~references.model.ReferenceSession` computes MTP rows only for positions whose next token
+is already known (teacher forcing).  A speculative decoder needs more: the draft logits for the
+*last* position as soon as its next token is chosen, chained drafts that are later discarded, and
+a way to undo a rejected verification.  This module adds exactly that, built from the reference's
+own blocks (``block_forward``, the weights, the variant knobs), so a mutant reference drafts the way
+the wrong port it models would.  It implements :class:`harness.mtp.MtpSession`.
+
+MTP bookkeeping (doc §3.1): MTP position t reads the trunk hidden h_t and the embedding of token
+t+1; its MLA cache holds one entry per committed position, in step with the trunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.errors import InputError
+from references.mla import MLACache, MLAWeights
+from references.model import BailingHybridReference, Cache, GLACache
+from references.ops import rms_norm
+
+
+class _Discard:
+    """A recorder that keeps nothing: drafting needs no captures."""
+
+    def put(self, name: str | None, value: torch.Tensor) -> None:
+        return None
+
+
+def _no_name(stem: str) -> None:
+    return None
+
+
+_DISCARD = _Discard()
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    trunk: tuple[object, ...]
+    mtp: tuple[torch.Tensor | None, torch.Tensor | None]
+    tokens: tuple[int, ...]
+    pending: torch.Tensor | None
+    mtp_done: int
+    chain: tuple[torch.Tensor, tuple[int, ...]] | None
+
+
+class ReferenceMtpModel:
+    """A loaded reference with an MTP head, as a :class:`harness.mtp.MtpModel`."""
+
+    def __init__(self, model: BailingHybridReference, label: str = "torch-float64") -> None:
+        if model.mtp is None:
+            raise InputError(
+                "the checkpoint has no MTP head (num_nextn_predict_layers = 0 or no "
+                f"model.layers.{model.n_layers}.eh_proj.weight): nothing to draft with"
+            )
+        self.model = model
+        self.label = label
+        self.vocab_size = model.config.vocab_size
+
+    def start(self) -> ReferenceMtpSession:
+        return ReferenceMtpSession(self.model)
+
+
+class ReferenceMtpSession:
+    """One sequence: trunk caches, the MTP layer's MLA cache, the hiddens the head still needs."""
+
+    def __init__(self, model: BailingHybridReference) -> None:
+        self._m = model
+        self._caches: list[Cache] = [
+            MLACache() if isinstance(b.attention, MLAWeights) else GLACache() for b in model.blocks
+        ]
+        self._mtp_cache = MLACache()
+        self._tokens: list[int] = []
+        self._pending: torch.Tensor | None = None  # hiddens of positions mtp_done..len(tokens)-1
+        self._mtp_done = 0  # positions committed to the MTP cache
+        # (the last MTP block output row, the token sequence extended by drafts) while chaining
+        self._chain: tuple[torch.Tensor, tuple[int, ...]] | None = None
+
+    # ---- trunk ----
+
+    @torch.no_grad()
+    def feed(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run ``tokens`` through the trunk after everything fed before; logits [T, vocab]."""
+        m = self._m
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("feed needs at least one token")
+        start = len(self._tokens)
+        positions = torch.arange(start, start + len(tokens), device=m.device)
+        x = m.embed[torch.tensor(tokens, device=m.device)]
+        for block, cache in zip(m.blocks, self._caches, strict=True):
+            x = m.block_forward(x, block, cache, positions, _DISCARD, _no_name)  # type: ignore[arg-type]
+        normed = rms_norm(x, m.norm, m.eps)
+        hidden = normed if m.options.variant.mtp_hidden == "post_norm" else x
+        self._tokens.extend(tokens)
+        self._pending = hidden if self._pending is None else torch.cat((self._pending, hidden))
+        return _numpy(m.logits(normed))
+
+    # ---- MTP head ----
+
+    @torch.no_grad()
+    def draft(self, next_token: int) -> np.ndarray:
+        """Draft logits [vocab] for the position after ``next_token``, the token chosen to follow
+        the last fed one; first commits every fed position whose next token is now known."""
+        if not self._tokens:
+            raise ValueError("draft needs at least one fed token")
+        self._truncate_mtp(self._mtp_done)  # drop what chained drafts added
+        known = (*self._tokens, int(next_token))
+        start, stop = self._mtp_done, len(self._tokens)
+        assert self._pending is not None and self._pending.shape[0] == stop - start
+        out, logits = self._head(self._pending, known, start, stop)
+        self._pending, self._mtp_done = None, stop
+        self._chain = (out[-1:], known)
+        return logits[-1]
+
+    @torch.no_grad()
+    def draft_chain(self, token: int) -> np.ndarray:
+        """Reuse the head on its own last block output (pre-final-norm, as vLLM and llama.cpp
+        chain) with ``token`` as the next token; what it adds to the MTP cache is speculative."""
+        if self._chain is None:
+            raise ValueError("draft_chain needs a draft() first")
+        hidden, known = self._chain
+        known = (*known, int(token))
+        position = len(known) - 2
+        out, logits = self._head(hidden, known, position, position + 1)
+        self._chain = (out, known)
+        return logits[-1]
+
+    def _head(
+        self, hidden: torch.Tensor, known: Sequence[int], start: int, stop: int
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """MTP rows for positions start..stop-1: (block outputs, logits)."""
+        m, variant = self._m, self._m.options.variant
+        head = m.mtp
+        assert head is not None
+        ids = [known[p + variant.mtp_token_shift] for p in range(start, stop)]
+        e = rms_norm(
+            m.embed[torch.tensor(ids, dtype=torch.long, device=m.device)], head.enorm, m.eps
+        )
+        hn = rms_norm(hidden, head.hnorm, m.eps)
+        pair = (e, hn) if variant.mtp_concat == "embed_first" else (hn, e)
+        u = F.linear(torch.cat(pair, dim=-1), head.eh_proj)
+        positions = torch.arange(start, stop, device=m.device)
+        y = m.block_forward(u, head.block, self._mtp_cache, positions, _DISCARD, _no_name)  # type: ignore[arg-type]
+        final = head.final_norm if variant.mtp_final_norm == "mtp_final_layernorm" else m.norm
+        return y, _numpy(m.logits(rms_norm(y, final, m.eps)))
+
+    def _truncate_mtp(self, length: int) -> None:
+        c = self._mtp_cache
+        if c.length > length:
+            c.latent = c.latent[:length] if length else None
+            c.k_pe = c.k_pe[:length] if length else None
+
+    # ---- undo ----
+
+    def snapshot(self) -> _Snapshot:
+        """The whole session state. Caches are replaced, never written in place (torch.cat and
+        the GLA functions return new tensors), so keeping references is a faithful copy."""
+        trunk = tuple(
+            (c.latent, c.k_pe) if isinstance(c, MLACache) else c.state for c in self._caches
+        )
+        return _Snapshot(
+            trunk=trunk,
+            mtp=(self._mtp_cache.latent, self._mtp_cache.k_pe),
+            tokens=tuple(self._tokens),
+            pending=self._pending,
+            mtp_done=self._mtp_done,
+            chain=self._chain,
+        )
+
+    def restore(self, snap: _Snapshot) -> None:
+        """Return to the state of :meth:`snapshot` (undo a rejected verification)."""
+        for cache, saved in zip(self._caches, snap.trunk, strict=True):
+            if isinstance(cache, MLACache):
+                cache.latent, cache.k_pe = saved  # type: ignore[misc]
+            else:
+                cache.state = saved  # type: ignore[assignment]
+        self._mtp_cache.latent, self._mtp_cache.k_pe = snap.mtp
+        self._tokens = list(snap.tokens)
+        self._pending = snap.pending
+        self._mtp_done = snap.mtp_done
+        self._chain = snap.chain
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float64).numpy()
