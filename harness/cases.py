@@ -65,7 +65,8 @@ class Case:
 
     def content_hash(self) -> str:
         blob = json.dumps(
-            {"config": self.config_json(), "seed": self.seed, "generator": GENERATOR_VERSION},
+            {"config": self.config_json(), "seed": self.seed, "generator": GENERATOR_VERSION,
+             "writer": family_named(self.family).writer_fingerprint()},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

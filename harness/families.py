@@ -8,7 +8,9 @@ synthetic checkpoint for a case; backends dispatch on :func:`family_of` too.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,12 @@ class Family:
     def write(self, config_json: dict[str, Any], seed: int, out_dir: Path) -> None:
         _resolve(self.write_checkpoint)(config_json, seed, out_dir)
 
+    def writer_fingerprint(self) -> str:
+        """A hash of the synthetic writer's source, so editing it invalidates cached checkpoints."""
+        module = importlib.import_module(self.write_checkpoint.split(":")[0])
+        source = Path(module.__file__).read_bytes() if module.__file__ else b""
+        return hashlib.sha256(source).hexdigest()[:16]
+
 
 def _resolve(spec: str) -> Callable[..., Any]:
     module, func = spec.split(":")
@@ -49,6 +57,14 @@ FAMILIES: dict[str, Family] = {
         model_type="bailing_hybrid",
         validate="references.config:config_from_dict",
         write_checkpoint="references.synthetic:write_synthetic_checkpoint",
+    ),
+    "ling3": Family(
+        name="ling3",
+        architecture="BailingMoeV3ForCausalLM",
+        aliases=("BailingHybridForCausalLM",),
+        model_type="bailing_hybrid",
+        validate="references.ling3.config:config_from_dict",
+        write_checkpoint="references.ling3.synthetic:write_synthetic_checkpoint",
     ),
 }
 
@@ -69,3 +85,20 @@ def family_of(config: dict[str, Any], path: Path | str = "config.json") -> Famil
             return fam
     known = ", ".join(f"{f.architecture} ({f.name})" for f in FAMILIES.values())
     raise InputError(f"{path}: 'architectures' is {archs!r}; the harness knows {known}")
+
+
+def load_checkpoint_config(checkpoint_dir: Path) -> tuple[Family, Any]:
+    """Read ``config.json`` and validate it with its family's rules: (family, config)."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise InputError(f"{path}: not found (a checkpoint directory needs config.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a JSON object at the top level")
+    family = family_of(raw, path)
+    return family, family.validate_config(raw, path)

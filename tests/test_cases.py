@@ -26,7 +26,7 @@ def test_every_case_file_loads_and_has_prompts():
 
 
 def test_the_required_shapes_are_covered():
-    cfg = {c.name: load_config(materialize(c)) for c in load_cases()}
+    cfg = {c.name: load_config(materialize(c)) for c in load_cases() if c.family == "ling26"}
     flash = cfg["flash-mini"]
     assert flash.q_lora_rank and flash.n_group > 1 and flash.first_k_dense_replace == 1
     assert flash.num_nextn_predict_layers == 1 and flash.group_norm_size > 1
@@ -84,8 +84,8 @@ def test_no_norm_weight_or_bias_is_trivial(tmp_path):
         assert np.abs(weights[name]).max() > 0.01, name
 
 
-def test_the_reference_loader_accepts_every_materialised_case(tmp_path):
-    for case in load_cases():
+def test_the_reference_loader_accepts_every_materialised_ling26_case(tmp_path):
+    for case in (c for c in load_cases() if c.family == "ling26"):
         ckpt = materialize(case, tmp_path)
         assert read_state_dict(ckpt, load_config(ckpt))
 

@@ -181,14 +181,13 @@ def test_unknown_extra_option_is_an_input_error(ckpt: Path) -> None:
         MlxBackend().load(ckpt, BackendOptions(extra={"chunk": "64"}))
 
 
-@pytest.mark.parametrize("arch", ["BailingMoeV3ForCausalLM", "BailingHybridForCausalLM"])
-def test_ling3_checkpoint_is_an_input_error(ckpt: Path, tmp_path: Path, arch: str) -> None:
-    other = tmp_path / "ling3"
+def test_an_unknown_architecture_is_an_input_error(ckpt: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
     shutil.copytree(ckpt, other)
     cfg = json.loads((other / "config.json").read_text())
-    cfg["architectures"] = [arch]
+    cfg["architectures"] = ["LlamaForCausalLM"]
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(InputError, match=r"Ling 3\.0"):
+    with pytest.raises(InputError, match="LlamaForCausalLM"):
         MlxBackend().load(other, BackendOptions())
 
 

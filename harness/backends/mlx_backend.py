@@ -25,9 +25,8 @@ import numpy as np
 from harness.backends.base import Availability, BackendOptions, Captures
 from harness.capture_points import UnknownCapturePoint, layer_point, parse
 from harness.errors import InputError, PortFailure
+from harness.families import family_of
 
-LING26_ARCHITECTURE = "BailingMoeV2_5ForCausalLM"
-LING30_ARCHITECTURES = ("BailingMoeV3ForCausalLM", "BailingHybridForCausalLM")
 STOCK_MODULE = "mlx_lm.models.bailing_hybrid"
 EXTRA_KEYS = ("model_module",)
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -68,7 +67,10 @@ class MlxBackend:
                 f"mlx backend: unknown option(s) {unknown}; known: {', '.join(EXTRA_KEYS)}"
             )
         stream = _stream(options.device)
-        _check_config(checkpoint_dir)
+        if _check_config(checkpoint_dir) == "ling3":  # Ling 3.0: mlx-lm's bailing_moe_v3
+            from harness.backends.mlx_ling3 import load_ling3
+
+            return load_ling3(checkpoint_dir, options)
 
         port_path = options.extra.get("model_module")
         arch = _import_port(Path(port_path)) if port_path else importlib.import_module(STOCK_MODULE)
@@ -206,8 +208,8 @@ def _stream(device: str) -> Any:
     raise InputError(f"mlx backend: unknown device {device!r}; known: cpu, gpu")
 
 
-def _check_config(checkpoint_dir: Path) -> None:
-    """Refuse what is not a Ling-2.6 checkpoint before mlx-lm guesses a module for it."""
+def _check_config(checkpoint_dir: Path) -> str:
+    """The checkpoint's family (``harness.families``), decided before mlx-lm guesses a module."""
     path = checkpoint_dir / "config.json"
     try:
         raw = json.loads(path.read_text())
@@ -217,20 +219,7 @@ def _check_config(checkpoint_dir: Path) -> None:
         raise InputError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a JSON object")
-    archs = raw.get("architectures") or []
-    if isinstance(archs, str):
-        archs = [archs]
-    ling3 = [a for a in archs if a in LING30_ARCHITECTURES]
-    if ling3:
-        raise InputError(
-            f"{path}: 'architectures' is {archs!r}: that is Ling 3.0, a different model that "
-            f"shares model_type 'bailing_hybrid' (mlx-lm maps it to bailing_moe_v3); this harness "
-            f"tests Ling-2.6 ({LING26_ARCHITECTURE})"
-        )
-    if LING26_ARCHITECTURE not in archs:
-        raise InputError(
-            f"{path}: 'architectures' is {archs!r}; expected {LING26_ARCHITECTURE!r} (Ling-2.6)"
-        )
+    return family_of(raw, path).name
 
 
 def _import_port(path: Path) -> ModuleType:

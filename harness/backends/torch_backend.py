@@ -31,6 +31,10 @@ class TorchBackend:
         return Availability(True)
 
     def load(self, checkpoint_dir: Path, options: BackendOptions) -> LoadedModel:
+        from harness.backends.transformers_ling3 import checkpoint_family, load_ling3
+
+        if checkpoint_family(Path(checkpoint_dir)) == "ling3":  # Ling 3.0: transformers' model
+            return load_ling3(Path(checkpoint_dir), options)
         from references.model import BailingHybridReference
 
         return BailingHybridReference.from_checkpoint(

@@ -1,0 +1,246 @@
+"""Ling 3.0's reference: transformers' ``BailingHybridForCausalLM`` behind the Backend protocol.
+
+There is no hand-written Ling 3.0 reference; ``torch-float64`` for a Ling 3.0 checkpoint is
+transformers' own model loaded in float64 (``TorchBackend.load`` dispatches here by family).
+Activations are captured with forward hooks on transformers' modules, mapped onto the canonical
+names; sessions decode through transformers' own ``DynamicCache`` (MLA latent KV, KDA conv and
+recurrent state), so a prefill followed by one-token feeds is what ``generate`` runs.
+
+Caveat, measured and reported rather than hidden: transformers computes RMSNorm, the gated
+``o_norm``, the router, the KDA short convolution and the KDA recurrence in float32 even when the
+model is loaded in float64 (explicit ``.to(torch.float32)`` casts and
+``_keep_in_fp32_modules_strict``), so this "float64" reference is float32-accurate in those places.
+
+Recognised ``extra`` options: ``attn_implementation`` (sdpa|eager; default sdpa, whose float64
+softmax stays float64 where eager's is float32) and ``experts_implementation`` (eager|grouped_mm;
+default eager for float64, because grouped_mm rejects float64 at run time, transformers' own choice
+otherwise).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.backends.base import DTYPES, BackendOptions, Captures
+from harness.capture_points import UnknownCapturePoint, layer_point, parse
+from harness.errors import InputError
+from harness.families import family_of
+
+EXTRA_KEYS = ("attn_implementation", "experts_implementation")
+
+
+def checkpoint_family(checkpoint_dir: Path) -> str | None:
+    """The family named by ``config.json``'s architectures; None when it cannot be read.
+
+    An unreadable config is left to the family's own loader, whose message names the problem.
+    """
+    path = Path(checkpoint_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    return family_of(raw, path).name
+
+
+def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLing3Model:
+    """Load a (normalised) Ling 3.0 checkpoint into transformers in ``options.dtype``."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if options.dtype not in DTYPES:
+        raise InputError(f"torch: unknown dtype {options.dtype!r}; known: {', '.join(DTYPES)}")
+    unknown = sorted(set(options.extra) - set(EXTRA_KEYS))
+    if unknown:
+        raise InputError(
+            f"torch (Ling 3.0 via transformers): unknown option(s) {unknown}; "
+            f"known: {', '.join(EXTRA_KEYS)}"
+        )
+    try:
+        import torch
+        from transformers import BailingHybridForCausalLM
+    except ImportError as e:
+        raise InputError(
+            f"{checkpoint_dir}: Ling 3.0's reference is transformers' BailingHybridForCausalLM, "
+            f"which is not importable ({e}); install with: pip install 'transformers>=5.23'"
+        ) from None
+    from references.ling3.config import load_config
+
+    cfg = load_config(checkpoint_dir)  # names a bad key before transformers guesses around it
+    dtype = getattr(torch, options.dtype)
+    experts = options.extra.get(
+        "experts_implementation", "eager" if options.dtype == "float64" else None
+    )
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": options.extra.get("attn_implementation", "sdpa"),
+    }
+    if experts is not None:
+        kwargs["experts_implementation"] = experts
+    try:
+        model = BailingHybridForCausalLM.from_pretrained(checkpoint_dir, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise InputError(
+            f"{checkpoint_dir}: transformers could not load this Ling 3.0 checkpoint: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+    model = model.to(options.device).eval()
+    return TransformersLing3Model(model, cfg.vocab_size, options.dtype)
+
+
+class _Recorder:
+    """Shared by every hook of one loaded model; records only during a ``feed``."""
+
+    def __init__(self) -> None:
+        self.wanted: frozenset[str] = frozenset()
+        self.store: dict[str, Any] | None = None
+
+    def wants(self, name: str) -> bool:
+        return self.store is not None and name in self.wanted
+
+    def put(self, name: str, value: Any) -> None:
+        if self.wants(name):
+            self.store[name] = value.detach()  # type: ignore[index]
+
+
+Hook = Callable[[Any, tuple[Any, ...], Any], None]
+
+
+class TransformersLing3Model:
+    """transformers' Ling 3.0 with capture hooks; sessions own a ``DynamicCache``."""
+
+    def __init__(self, model: Any, vocab_size: int, dtype: str) -> None:
+        self.model = model
+        self.dtype = dtype
+        self.vocab_size = vocab_size
+        self.n_layers = int(model.config.num_hidden_layers)
+        # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40).
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._rec = _Recorder()
+        self._install_hooks()
+
+    def start(self, capture: Collection[str] = ()) -> TransformersLing3Session:
+        wanted = {"result_output"}
+        for name in capture:
+            try:
+                parse(name)
+            except UnknownCapturePoint as e:
+                raise InputError(str(e)) from None
+            wanted.add(name)
+        return TransformersLing3Session(self, frozenset(wanted))
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def _out(self, name: str) -> Hook:
+        rec = self._rec
+
+        def hook(module: Any, args: tuple[Any, ...], out: Any) -> None:
+            rec.put(name, out[0] if isinstance(out, tuple) else out)
+
+        return hook
+
+    def _in(self, name: str, flatten_heads: bool = False) -> Hook:
+        rec = self._rec
+
+        def hook(module: Any, args: tuple[Any, ...], out: Any) -> None:
+            if args and rec.wants(name):
+                x = args[0]
+                rec.put(name, x.flatten(-2) if flatten_heads else x)
+
+        return hook
+
+    def _route(self, i: int) -> Hook:
+        """The router returns (logits [T,E], weights [T,k], ids [T,k]): ids sorted, weights too."""
+        rec = self._rec
+        logits, topk, weights = (
+            layer_point("ffn_moe_logits", i),
+            layer_point("ffn_moe_topk", i),
+            layer_point("ffn_moe_weights", i),
+        )
+
+        def hook(module: Any, args: tuple[Any, ...], out: Any) -> None:
+            import torch
+
+            router_logits, w, ids = out
+            rec.put(logits, router_logits[None])
+            ids_sorted, order = torch.sort(ids, dim=-1, stable=True)
+            rec.put(topk, ids_sorted[None])
+            rec.put(weights, torch.gather(w, -1, order)[None])
+
+        return hook
+
+    def _install_hooks(self) -> None:
+        inner = self.model.model
+        for i, layer in enumerate(inner.layers[: self.n_layers]):
+            layer.register_forward_hook(self._out(layer_point("l_out", i)))
+            layer.input_layernorm.register_forward_hook(self._out(layer_point("attn_norm", i)))
+            attn = layer.self_attn
+            attn.register_forward_hook(self._out(layer_point("attn_out", i)))
+            attn.g_proj.register_forward_hook(self._out(layer_point("g_gate", i)))
+            if hasattr(attn, "kv_a_layernorm"):  # MLA
+                attn.kv_a_layernorm.register_forward_hook(self._out(layer_point("kv_cmpr", i)))
+            if hasattr(attn, "o_norm"):  # KDA: recurrence output before the gated norm
+                attn.o_norm.register_forward_hook(
+                    self._in(layer_point("gla_out", i), flatten_heads=True)
+                )
+            post = layer.post_attention_layernorm
+            post.register_forward_hook(self._in(layer_point("ffn_inp", i)))
+            post.register_forward_hook(self._out(layer_point("ffn_norm", i)))
+            mlp = layer.mlp
+            mlp.register_forward_hook(self._out(layer_point("ffn_out", i)))
+            if hasattr(mlp, "gate") and hasattr(mlp, "experts"):  # MoE, not the dense SwiGLU
+                mlp.gate.register_forward_hook(self._route(i))
+                mlp.shared_experts.register_forward_hook(self._out(layer_point("ffn_shexp", i)))
+        inner.norm.register_forward_hook(self._out("result_norm"))
+
+
+class TransformersLing3Session:
+    """One sequence: the first feed prefills, later feeds continue through the same cache."""
+
+    def __init__(self, loaded: TransformersLing3Model, wanted: frozenset[str]) -> None:
+        from transformers import DynamicCache
+
+        self._loaded = loaded
+        self._wanted = wanted
+        self._cache = DynamicCache(config=loaded.model.config)
+
+    def feed(self, tokens: Sequence[int]) -> Captures:
+        """Run ``tokens`` after everything fed before; captures for these tokens."""
+        import torch
+
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise InputError("torch (Ling 3.0): feed() needs at least one token")
+        vocab = self._loaded.vocab_size
+        if not all(0 <= t < vocab for t in tokens):
+            raise InputError(f"torch (Ling 3.0): token ids outside the vocabulary [0, {vocab})")
+        loaded = self._loaded
+        rec = loaded._rec
+        store: dict[str, Any] = {}
+        rec.wanted, rec.store = self._wanted, store
+        device = next(loaded.model.parameters()).device
+        cache_kw = {loaded.cache_kwarg: self._cache}
+        try:
+            with torch.no_grad():
+                out = loaded.model(
+                    input_ids=torch.tensor([tokens], device=device), use_cache=True, **cache_kw
+                )
+        finally:
+            rec.wanted, rec.store = frozenset(), None
+        store["result_output"] = out.logits
+        return {name: _to_numpy(value) for name, value in store.items()}
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """float64 (int64 for ids) with the batch axis dropped."""
+    import torch
+
+    if not value.is_floating_point():
+        return value[0].to(torch.int64).cpu().numpy()
+    return value[0].to(torch.float64).cpu().numpy()
