@@ -1,0 +1,50 @@
+"""``python -m harness gate --baseline FILE RUN``: exit 1 with a table when RUN regressed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from harness.gate import GateRules, gate, load_baseline, load_run, save_baseline
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("gate", help="compare a run folder with a stored baseline")
+    p.add_argument("run", type=Path, help="a run folder (reports/<time>/) with parity/mtp/"
+                                          "throughput parquet files")
+    p.add_argument("--baseline", type=Path, required=True, help="baseline JSON file")
+    p.add_argument("--update-baseline", action="store_true",
+                   help="write RUN's tables as the new baseline (the only way one is replaced)")
+    p.add_argument("--nmse-factor", type=float, default=GateRules.nmse_factor)
+    p.add_argument("--min-drop", type=float, default=GateRules.min_drop,
+                   help="smallest relative tok/s drop ever flagged (default 0.10)")
+    p.set_defaults(func=run)
+
+
+def regressions_table(df: pd.DataFrame) -> Table:
+    table = Table(title=f"gate: {len(df)} regression(s)")
+    for col in df.columns:
+        table.add_column(col)
+    for row in df.itertuples(index=False):
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    tables = load_run(args.run)
+    if args.update_baseline:
+        path = save_baseline(tables, args.baseline)
+        print(f"baseline written: {path} ({', '.join(tables)})")
+        return 0
+    rules = GateRules(nmse_factor=args.nmse_factor, min_drop=args.min_drop)
+    found = gate(load_baseline(args.baseline), tables, rules)
+    console = Console(width=160)
+    if found.empty:
+        console.print(f"gate: PASS ({', '.join(tables)} against {args.baseline})")
+        return 0
+    console.print(regressions_table(found))
+    return 1
