@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.backends.llamacpp_backend import model_findings
 from harness.cases import DEFAULT_TOLERANCES
 from harness.compare import PairResult, explain_divergence
-from harness.errors import InputError, PortFailure
+from harness.errors import ArchitectureNotSupported, InputError, PortFailure
+from harness.families import load_checkpoint_config
 from harness.pytest_plugin import environment
 from harness.reporting import write_run
 from harness.runner import MODES, Runner
@@ -25,7 +27,9 @@ from harness.targets import REFERENCE, Target, parse_targets
 
 DEFAULT_PROMPT_LENGTH = 64
 # Other subcommands live in their own modules, each with add_parser(subparsers) and run(args).
-SUBCOMMAND_MODULES = ("harness.sweep_cli", "harness.gate_cli", "harness.mtp_cli")
+SUBCOMMAND_MODULES = (
+    "harness.sweep_cli", "harness.gate_cli", "harness.mtp_cli", "harness.browser_check",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,9 +105,7 @@ def summary_json(results: Sequence[PairResult]) -> dict:
 
 
 def run_parity(args: argparse.Namespace) -> int:
-    from references.config import load_config
-
-    cfg = load_config(args.checkpoint)
+    _, cfg = load_checkpoint_config(args.checkpoint)
     out = args.out
     if out is not None and out.exists() and any(out.iterdir()):
         raise InputError(f"{out}: exists and is not empty; a report is never overwritten")
@@ -138,9 +140,14 @@ def run_parity(args: argparse.Namespace) -> int:
                                checkpoint=checkpoint, tokens=tokens, candidate=cand,
                                reference=reference, tolerance=DEFAULT_TOLERANCES[cand.dtype],
                                mode=mode, n_decode=args.decode_steps)
+            except ArchitectureNotSupported as e:  # the port's coverage: a finding, not bad input
+                runner.findings.append(f"{cand.label}: {e}")
+                break
             except PortFailure as e:
                 runner.findings.append(str(e))
                 broken += 1
+    runner.findings += [f for f in model_findings(runner.models.values())
+                        if f not in runner.findings]
     out = write_run(runner.results, Path("reports"), title=f"parity: {checkpoint}",
                     findings=runner.findings, environment=environment(), name="parity", out=out)
     summary = summary_json(runner.results)

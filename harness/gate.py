@@ -62,12 +62,30 @@ def load_run(run_dir: Path) -> dict[str, pd.DataFrame]:
 
 def save_baseline(tables: dict[str, pd.DataFrame], path: Path) -> Path:
     """Write the baseline file (the explicit command; callers decide whether to replace)."""
-    payload = {name: [_plain(row) for row in df.to_dict(orient="records")]
+    payload = {name: [_plain(row) for row in df[_kept(name, df)].to_dict(orient="records")]
                for name, df in tables.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"version": 1, "tables": payload}, indent=1, sort_keys=True))
+    # One row per line: compact, and a baseline update reads as a line diff.
+    lines = ['{"version": 1, "tables": {']
+    for i, (name, rows) in enumerate(payload.items()):
+        body = ",\n".join(json.dumps(row, sort_keys=True) for row in rows)
+        lines.append(f"{json.dumps(name)}: [\n{body}\n]" + ("," if i < len(payload) - 1 else ""))
+    lines.append("}}")
+    path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# What a baseline keeps per table: the keys and the metrics the rules read, nothing else.
+KEPT = {
+    "parity": [*PARITY_KEY, "nmse", "passed", "top1", "index_agreement"],
+    "mtp": [*MTP_KEY, "acceptance_rate", "num_draft_tokens"],
+    "throughput": [*THROUGHPUT_KEY, "S_PP", "T_PP", "T_PP_spread", "S_TG", "T_TG", "T_TG_spread"],
+}
+
+
+def _kept(name: str, df: pd.DataFrame) -> list[str]:
+    return [c for c in KEPT.get(name, df.columns) if c in df.columns]
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
@@ -115,8 +133,9 @@ def parity_regressions(base: pd.DataFrame, cur: pd.DataFrame, rules: GateRules) 
                             "missing from the run"))
             continue
         if bool(r.passed_base) and not bool(r.passed_cur):
-            out.append(_row("parity", key, "passed", 1, 0, str(r.threshold_cur),
-                            f"now fails its tolerance ({r.note_cur or 'see the report'})"))
+            note = getattr(r, "note", "") or "see the report"
+            out.append(_row("parity", key, "passed", 1, 0, str(getattr(r, "threshold", "")),
+                            f"now fails its tolerance ({note})"))
             continue
         nb, nc = r.nmse_base, r.nmse_cur
         if pd.notna(nb) and pd.notna(nc):

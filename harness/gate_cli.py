@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 import pandas as pd
+from markupsafe import escape
 from rich.console import Console
 from rich.table import Table
 
 from harness.gate import GateRules, gate, load_baseline, load_run, save_baseline
+from harness.report import Section
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +35,29 @@ def regressions_table(df: pd.DataFrame) -> Table:
     for row in df.itertuples(index=False):
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
     return table
+
+
+def regressions_text(found: pd.DataFrame, baseline: object) -> str:
+    """The gate's verdict as terminal text."""
+    buf = io.StringIO()
+    console = Console(file=buf, width=160, force_terminal=False, color_system=None)
+    if found.empty:
+        console.print(f"gate: PASS against {baseline}")
+    else:
+        console.print(regressions_table(found))
+        console.print(f"gate: FAIL against {baseline}")
+    return "\n" + buf.getvalue()
+
+
+def gate_section(found: pd.DataFrame, baseline: object) -> Section:
+    """The gate's verdict as a report section."""
+    if found.empty:
+        body = f"<p class='verdict-pass'>PASS: no regression against {escape(str(baseline))}.</p>"
+    else:
+        body = (f"<p class='verdict-fail'>FAIL: {len(found)} regression(s) against "
+                f"{escape(str(baseline))}.</p>" + found.to_html(index=False, escape=True,
+                                                                 float_format="%.4g"))
+    return Section(title="Regression gate", html=body)
 
 
 def run(args: argparse.Namespace) -> int:

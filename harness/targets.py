@@ -12,8 +12,9 @@ from harness.errors import InputError
 BACKENDS: dict[str, str] = {
     "torch": "harness.backends.torch_backend:TorchBackend",
     "mlx": "harness.backends.mlx_backend:MlxBackend",
+    "llamacpp": "harness.backends.llamacpp_backend:LlamaCppBackend",
 }
-DEFAULT_DTYPE = {"torch": "float32", "mlx": "float32"}
+DEFAULT_DTYPE = {"torch": "float32", "mlx": "float32", "llamacpp": "float32"}
 REFERENCE = "torch-float64"
 
 
@@ -35,7 +36,15 @@ class Target:
 
     @classmethod
     def parse(cls, spec: str, extra: dict[str, str] | None = None) -> Target:
-        """``"mlx"`` (default dtype) or ``"mlx-float32"``."""
+        """``"mlx"`` (default dtype), ``"mlx-float32"``, or with options after colons:
+        ``"llamacpp-float32:type_k=f16:outtype=q8_0"`` (they join ``extra``)."""
+        spec, *opts = spec.strip().split(":")
+        extra = dict(extra or {})
+        for opt in opts:
+            key, eq, value = opt.partition("=")
+            if not eq or not key.strip():
+                raise InputError(f"option {opt!r} in {spec!r}: expected key=value")
+            extra[key.strip()] = value.strip()
         name, _, dtype = spec.strip().partition("-")
         if name not in BACKENDS:
             raise InputError(f"unknown backend {name!r} in {spec!r}; known: {', '.join(BACKENDS)}")

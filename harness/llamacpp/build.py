@@ -387,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--version", default=DEFAULT_VERSION)
     ap.add_argument("--cmake-args", default="")
     ap.add_argument("--patch", action="append", type=Path, default=[])
+    ap.add_argument("--with-our-port", action="store_true",
+                    help="apply our Ling-2.6 port's patch series (ports/llamacpp) first; it only "
+                         "adds an architecture, so one build serves upstream archs too")
     ap.add_argument("--install", action="store_true", help="also pip-install into this python")
     ap.add_argument("--site", action="store_true", help="print a private site dir instead")
     ap.add_argument("--sdist-tree", action="store_true", help="print the extracted sdist instead")
@@ -396,7 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(sdist_tree(args.version))
             return 0
         fn = ensure_installed if args.install else ensure_site if args.site else ensure_wheel
-        print(fn(args.version, args.cmake_args, args.patch))
+        patches = list(args.patch)
+        if args.with_our_port:
+            from ports.llamacpp.port import patches as our_patches
+
+            patches = [*our_patches(), *patches]
+        print(fn(args.version, args.cmake_args, patches))
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

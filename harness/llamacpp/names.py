@@ -113,8 +113,18 @@ PORTS: dict[str, PortNames] = {
 }
 
 
+def _register_our_ports() -> None:
+    """Ports we own (``ports/``) keep their name maps beside their patches; add them here."""
+    try:
+        from ports.llamacpp import port as ours
+    except ImportError:
+        return
+    PORTS.setdefault(ours.PORT_NAME, ours.NAMES)
+
+
 def port_for_arch(arch: str) -> PortNames:
     """The name map for a GGUF's ``general.architecture``; KeyError lists what is known."""
+    _register_our_ports()
     for port in PORTS.values():
         if port.arch == arch:
             return port

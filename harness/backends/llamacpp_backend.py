@@ -1,0 +1,290 @@
+"""llama.cpp as a candidate: the port's own converter, an inventory, then an out-of-process worker.
+
+``load`` runs the whole chain a user of llama.cpp runs: the checkpoint is converted by the port's
+``convert_hf_to_gguf.py`` (:mod:`harness.llamacpp.convert`, cached; the frictions it needed are
+``model.findings``), the GGUF is checked against the port's tensor map and the checkpoint
+(:mod:`harness.llamacpp.inventory`), and llama.cpp runs in a child process
+(:class:`harness.llamacpp.client.WorkerClient`), so an abort, segfault or hang in the port is a
+:class:`PortFailure` and the suite goes on.
+
+dtype -> GGUF outtype: float32 -> f32, float16 -> f16, bfloat16 -> bf16 (llama.cpp has no float64
+weights).  ``extra`` options (each one changes numbers or what runs, so each is in the target
+label when given):
+
+- ``outtype``: f32|f16|bf16|q8_0, overrides the dtype's outtype;
+- ``type_k`` / ``type_v``: KV cache type f32|f16|bf16|q8_0 (default f32: the f16 cache alone
+  costs ~1e-4 relative error); ``flash_attn``: 0/1 (default 0);
+- ``n_ctx`` (default 4096), ``n_batch`` / ``n_ubatch`` (default 512: a longer prompt runs as
+  several graphs, captures concatenated), ``n_threads`` (default: all cores);
+- ``tree``: a llama.cpp checkout whose converter to use (a fork); ``site``: a private site dir from
+  ``python -m harness.llamacpp.build --site --patch ...`` to run a patched build;
+  ``lib_path``: a directory holding a user's own libllama (as ``LLAMA_CPP_LIB_PATH``, which is
+  honoured too), ABI-checked first (:mod:`harness.llamacpp.abi`);
+- ``gguf``: a GGUF to run instead of converting (still inventoried against the checkpoint);
+- ``timeout``: seconds one feed may take before the worker counts as hung (default 300).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.backends.base import Availability, BackendOptions, Captures
+from harness.errors import ArchitectureNotSupported, InputError, PortFailure
+from harness.llamacpp.convert import OUTTYPES
+
+DTYPE_OUTTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+KV_TYPES = ("f32", "f16", "bf16", "q8_0")
+EXTRA_KEYS = (
+    "outtype", "type_k", "type_v", "flash_attn", "n_ctx", "n_batch", "n_ubatch", "n_threads",
+    "tree", "site", "lib_path", "gguf", "timeout",
+)
+DEFAULT_N_CTX = 4096
+_UNKNOWN_ARCH = "unknown model architecture"
+
+__all__ = ["ArchitectureNotSupported", "LlamaCppBackend", "LlamaCppModel", "model_findings"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The backend options, parsed and validated."""
+
+    outtype: str
+    params: Any  # harness.llamacpp.client.ContextParams
+    tree: Path | None = None
+    site: Path | None = None
+    lib_path: Path | None = None
+    gguf: Path | None = None
+    timeout: float = 300.0
+
+
+def _flag(key: str, value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise InputError(f"llamacpp: option {key}={value!r} must be 0/1")
+
+
+def _positive(key: str, value: str) -> int:
+    try:
+        n = int(str(value))
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise InputError(f"llamacpp: option {key}={value!r} must be a positive integer")
+    return n
+
+
+def parse_options(options: BackendOptions) -> Settings:
+    """BackendOptions -> Settings; InputError names the bad option and what is allowed."""
+    from harness.llamacpp.client import ContextParams
+
+    extra = dict(options.extra)
+    unknown = sorted(set(extra) - set(EXTRA_KEYS))
+    if unknown:
+        raise InputError(f"llamacpp: unknown option(s) {unknown}; known: {', '.join(EXTRA_KEYS)}")
+    if "outtype" in extra:
+        outtype = extra["outtype"]
+        if outtype not in OUTTYPES:
+            raise InputError(f"llamacpp: outtype={outtype!r}; known: {', '.join(OUTTYPES)}")
+    elif options.dtype in DTYPE_OUTTYPE:
+        outtype = DTYPE_OUTTYPE[options.dtype]
+    else:
+        raise InputError(
+            f"llamacpp: no GGUF type for dtype {options.dtype!r} (llama.cpp has no float64 "
+            f"weights); known: {', '.join(DTYPE_OUTTYPE)}"
+        )
+    for key in ("type_k", "type_v"):
+        if extra.get(key, "f32") not in KV_TYPES:
+            raise InputError(f"llamacpp: {key}={extra[key]!r}; known: {', '.join(KV_TYPES)}")
+    n_ctx = _positive("n_ctx", extra["n_ctx"]) if "n_ctx" in extra else DEFAULT_N_CTX
+    n_batch = _positive("n_batch", extra["n_batch"]) if "n_batch" in extra else min(512, n_ctx)
+    n_ubatch = _positive("n_ubatch", extra["n_ubatch"]) if "n_ubatch" in extra else n_batch
+    params = ContextParams(
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=min(n_ubatch, n_batch),
+        type_k=extra.get("type_k", "f32"),
+        type_v=extra.get("type_v", "f32"),
+        n_threads=_positive("n_threads", extra["n_threads"]) if "n_threads" in extra else None,
+        flash_attn=_flag("flash_attn", extra["flash_attn"]) if "flash_attn" in extra else False,
+    )
+    paths = {k: Path(extra[k]).expanduser() for k in ("tree", "site", "lib_path", "gguf")
+             if extra.get(k)}
+    if "gguf" in paths and not paths["gguf"].is_file():
+        raise InputError(f"llamacpp: gguf={paths['gguf']}: file not found")
+    lib_env = os.environ.get("LLAMA_CPP_LIB_PATH")
+    timeout = float(_positive("timeout", extra["timeout"])) if "timeout" in extra else 300.0
+    return Settings(
+        outtype=outtype,
+        params=params,
+        tree=paths.get("tree"),
+        site=paths.get("site"),
+        lib_path=paths.get("lib_path") or (Path(lib_env) if lib_env else None),
+        gguf=paths.get("gguf"),
+        timeout=timeout,
+    )
+
+
+class LlamaCppBackend:
+    """llama.cpp through llama-cpp-python, driven out of process."""
+
+    name = "llamacpp"
+
+    def availability(self) -> Availability:
+        """llama_cpp and gguf importable (nothing native is loaded here)."""
+        from harness.llamacpp.testing import missing_llamacpp
+
+        reason = missing_llamacpp()
+        return Availability(False, reason) if reason else Availability(True)
+
+    def load(self, checkpoint_dir: Path, options: BackendOptions) -> LlamaCppModel:
+        """Convert (cached), inventory, ABI-check a foreign library, start a worker, load."""
+        from harness.families import family_of
+        from harness.llamacpp import abi
+        from harness.llamacpp.client import WorkerClient
+        from harness.llamacpp.convert import convert
+        from harness.llamacpp.inventory import inventory, render
+
+        checkpoint = Path(checkpoint_dir).expanduser().resolve()
+        settings = parse_options(options)
+        env = None
+        if settings.lib_path is not None:  # first: refuse a foreign library before any work
+            abi.check_library(settings.lib_path, site=settings.site)
+            env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(settings.lib_path.resolve()))
+        cfg_path = checkpoint / "config.json"
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{cfg_path}: cannot read ({e})") from None
+        family = family_of(config, cfg_path)
+        findings: list[str] = []
+        if settings.gguf is not None:
+            gguf = settings.gguf.resolve()
+            findings.append(f"GGUF given by the user, not converted here: {gguf}")
+        else:
+            conv = convert(checkpoint, settings.outtype, tree=settings.tree)
+            findings += conv.findings
+            if not conv.supported:
+                raise ArchitectureNotSupported(
+                    f"{conv.reason}; the checkpoint is {family.name} ({family.architecture})"
+                )
+            gguf = conv.require()
+        inv = inventory(gguf, checkpoint)
+        inv_findings = render(inv)
+        findings += inv_findings
+
+        client = WorkerClient(
+            env=env, site=settings.site, timeout=settings.timeout, label=f"llama.cpp ({gguf.name})"
+        )
+        try:
+            info = client.load(gguf, settings.params)
+        except PortFailure as e:
+            client.close()
+            text = str(e)
+            if _UNKNOWN_ARCH in text:
+                raise ArchitectureNotSupported(
+                    f"architecture not supported by this build: libllama refuses GGUF "
+                    f"architecture {inv.arch!r} ({_UNKNOWN_ARCH}); the checkpoint is "
+                    f"{family.name} ({family.architecture})"
+                ) from None
+            raise PortFailure(
+                text + "".join(f"\n  {f}" for f in inv_findings or ["inventory: clean"])
+            ) from None
+        except BaseException:
+            client.close()
+            raise
+        return LlamaCppModel(client, info, gguf, settings, findings, inv.arch)
+
+
+@dataclass
+class LlamaCppModel:
+    """A GGUF loaded in a worker; one live session at a time (a new start() resets the cache)."""
+
+    client: Any  # WorkerClient
+    info: dict[str, Any]
+    gguf: Path
+    settings: Settings
+    findings: list[str] = field(default_factory=list)
+    arch: str = ""
+    n_layers: int = 0
+    port: Any = None  # harness.llamacpp.names.PortNames, None when the arch has no name map
+    _generation: int = 0
+
+    def __post_init__(self) -> None:
+        from harness.llamacpp import names
+
+        n_layer, nextn = int(self.info["n_layer"]), int(self.info.get("n_layer_nextn") or 0)
+        # llama_model_n_layer counts the trunk; guard against a build that counts MTP blocks too
+        self.n_layers = n_layer - nextn if n_layer > nextn and self._counts_mtp() else n_layer
+        try:
+            self.port = names.port_for_arch(self.arch or str(self.info.get("arch", "")))
+        except KeyError:
+            self.port = None
+            self.findings.append(
+                f"no eval-callback name map for GGUF architecture {self.arch!r}: only logits "
+                "are compared (register a PortNames in harness.llamacpp.names)"
+            )
+        weakref.finalize(self, self.client.close)
+
+    def _counts_mtp(self) -> bool:
+        from harness.llamacpp.inventory import read_gguf
+
+        meta, _ = read_gguf(self.gguf)
+        return int(meta.get(f"{self.arch}.block_count", 0)) == int(self.info["n_layer"])
+
+    def describe(self) -> dict[str, Any]:
+        """What ran: GGUF, outtype and every context parameter (for reports)."""
+        return {"gguf": str(self.gguf), "outtype": self.settings.outtype,
+                **self.settings.params.record(), "n_threads_used": self.info.get("n_threads")}
+
+    def start(self, capture: Collection[str] = ()) -> LlamaCppSession:
+        """A fresh sequence: KV cache and recurrent state cleared in the worker."""
+        if self.client.info.get("n_past"):
+            self.client.reset()
+        self._generation += 1
+        return LlamaCppSession(self, self._generation, frozenset(capture))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@dataclass
+class LlamaCppSession:
+    """One sequence in the worker; superseded (and refusing to feed) once start() runs again."""
+
+    model: LlamaCppModel
+    generation: int
+    capture: frozenset[str]
+
+    def feed(self, tokens: Sequence[int]) -> Captures:
+        from harness.llamacpp.names import to_canonical, wanted_names
+
+        m = self.model
+        if self.generation != m._generation:
+            raise RuntimeError("this llama.cpp session was superseded by a later start()")
+        tokens = [int(t) for t in tokens]
+        points = set(self.capture) - {"result_output"}
+        wanted = wanted_names(m.port, points) if m.port is not None else set()
+        r = m.client.feed(tokens, wanted, timeout=m.settings.timeout)
+        caps = to_canonical(m.port, r.tensors, points, len(tokens)) if m.port else {}
+        caps["result_output"] = np.asarray(r.logits, dtype=np.float64)
+        return caps
+
+
+def model_findings(models: Iterable[Any]) -> list[str]:
+    """The ``findings`` of every loaded model that has them (for run reports), deduplicated."""
+    seen: dict[str, None] = {}
+    for m in models:
+        for f in getattr(m, "findings", ()) or ():
+            seen.setdefault(f, None)
+    return list(seen)
