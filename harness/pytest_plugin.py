@@ -17,11 +17,16 @@ from harness.cases import CASES_DIR, Case, load_case, materialize
 from harness.compare import explain_divergence
 from harness.errors import ArchitectureNotSupported, InputError, PortFailure
 from harness.greedy import GREEDY_STEPS, greedy_compare
-from harness.runner import MODES, Runner
+from harness.runner import CASE_MODES, MODES, Runner
 from harness.summary import print_summary
 from harness.targets import BACKENDS, REFERENCE, Target, parse_targets
 
 RUNNER_KEY = pytest.StashKey[Runner]()
+MTP_STEPS = 16
+
+
+def _mtp_keys(runner: Runner) -> set[tuple[str, str, str]]:
+    return {(r.case, r.prompt, r.backend) for r in runner.mtp_runs}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,9 +38,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--reference", default=REFERENCE,
                     help=f"the reference target (default {REFERENCE})")
     group.addoption("--cases", default="", help="comma-separated case names (default: all)")
-    group.addoption("--modes", default=",".join(MODES),
+    group.addoption("--modes", default=",".join(MODES + CASE_MODES),
                     help="checks per pair: prefill (one forward), decode (prefill + steps), "
-                         "greedy (64 greedy tokens, vLLM's top-k rule; opt-in)")
+                         "mtp (draft acceptance equal to the reference's), slopes (GLA decay "
+                         "verdict 'corrected'), greedy (64 greedy tokens, vLLM's top-k rule; "
+                         "opt-in)")
     group.addoption("--mlx-model-module", default=None,
                     help="put this MLX port module (shaped like mlx-lm's bailing_hybrid.py) "
                          "under test instead of mlx-lm's own")
@@ -76,9 +83,11 @@ class CaseFile(pytest.File):
         candidates = parse_targets(config.getoption("--backends"), extra)
         reference = Target.parse(config.getoption("--reference"))
         modes = [m for m in config.getoption("--modes").split(",") if m]
-        for prompt in case.prompts:
+        for i, prompt in enumerate(case.prompts):
             for cand in candidates:
                 for mode in modes:
+                    if mode in CASE_MODES and (i > 0 or case.family != "ling26"):
+                        continue  # once per case; Ling-2.6 only (its reference has the MTP head)
                     name = f"{prompt.name}::{cand.label}-vs-{reference.label}::{mode}"
                     yield ParityItem.from_parent(
                         self, name=name, case=case, prompt=prompt.name, candidate=cand,
@@ -119,6 +128,10 @@ class ParityItem(pytest.Item):
         try:
             if self.mode == "greedy":
                 return self._greedy(runner, tokens)
+            if self.mode == "mtp":
+                return self._mtp(runner, tokens)
+            if self.mode == "slopes":
+                return self._slopes(runner)
             result = runner.compare(
                 case=self.case.name, prompt=self.prompt, checkpoint=materialize(self.case),
                 tokens=tokens, candidate=self.candidate, reference=self.reference,
@@ -153,6 +166,42 @@ class ParityItem(pytest.Item):
         if not res.passed:
             raise ParityFailure(res.summary())
 
+    def _mtp(self, runner: Runner, tokens) -> None:
+        """Speculative greedy decoding with the MTP head: the candidate's drafts, acceptance and
+        greedy output must be the reference's (harness.mtp)."""
+        from harness.mtp import MTP_BACKENDS, MtpPrompt, MtpRunner
+
+        if self.candidate.backend not in MTP_BACKENDS:
+            pytest.skip(f"no MTP driver for {self.candidate.backend} in the harness yet")
+        mtp = MtpRunner(steps=MTP_STEPS, reference=self.reference)
+        prompt = MtpPrompt(self.case.name, self.prompt, tuple(tokens))
+        ref, cand = mtp.run(materialize(self.case), prompt, [self.candidate])
+        runner.findings.extend(mtp.findings)
+        runner.mtp_runs.extend(r for r in (ref, cand)
+                               if (r.case, r.prompt, r.backend) not in _mtp_keys(runner))
+        if cand.error:
+            raise PortFailure(cand.error)
+        if not cand.ok:
+            raise ParityFailure(
+                f"{self.candidate.label} MTP on {self.case.name}/{self.prompt}: greedy output "
+                f"{'kept' if cand.greedy_unchanged else 'CHANGED'}, drafts "
+                f"{'match' if cand.drafts_match_reference else 'DIFFER from'} the reference's "
+                f"(draft NMSE max {cand.draft_nmse_max:.2e}, top-1 {cand.draft_top1:.1%})")
+
+    def _slopes(self, runner: Runner) -> None:
+        """Which GLA decay the candidate applies, read where exposed and fitted black-box."""
+        from harness.slope_diagnostics import diagnose, reference_pair
+
+        checkpoint = materialize(self.case)
+        verdict = diagnose(self.candidate.label, runner.model(self.candidate, checkpoint),
+                           reference_pair(checkpoint))
+        verdict.backend = f"{self.candidate.label} on {self.case.name}"
+        runner.slope_verdicts.append(verdict)
+        if verdict.verdict != "corrected" or verdict.agree is False:
+            raise ParityFailure(
+                f"{self.candidate.label} on {self.case.name}: GLA decay verdict "
+                f"{verdict.verdict!r} (expected 'corrected'); {'; '.join(verdict.notes)}")
+
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, ParityFailure | BackendMissing):
             return str(excinfo.value)
@@ -170,7 +219,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Collect findings and run the regression gate before the summary, so it sets the exit code."""
     config = session.config
     runner = config.stash.get(RUNNER_KEY, None)
-    if runner is None or not runner.results:
+    if runner is None or not runner.ran_anything:
         return
     from harness.backends.llamacpp_backend import model_findings
 
@@ -182,8 +231,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         from harness.compare import results_frame
         from harness.gate import gate, load_baseline
 
-        regressions = gate(load_baseline(Path(baseline)),
-                           {"parity": results_frame(runner.results)})
+        tables = {"parity": results_frame(runner.results)}
+        if runner.mtp_runs:
+            from harness.mtp import mtp_frame
+
+            tables["mtp"] = mtp_frame(runner.mtp_runs)
+        regressions = gate(load_baseline(Path(baseline)), tables)
         config.stash[GATE_KEY] = (baseline, regressions)
         if not regressions.empty and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -200,10 +253,18 @@ def family_findings(family: str) -> list[str]:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     runner = config.stash.get(RUNNER_KEY, None)
-    if runner is None or not runner.results:
+    if runner is None or not runner.ran_anything:
         return
     print_summary(runner.results, runner.findings, write=terminalreporter.write)
     sections = []
+    if runner.mtp_runs:
+        from harness.mtp import mtp_section
+
+        sections.append(mtp_section(runner.mtp_runs))
+    if runner.slope_verdicts:
+        from harness.slope_diagnostics import slope_section
+
+        sections.append(slope_section(runner.slope_verdicts))
     if gated := config.stash.get(GATE_KEY, None):
         from harness.gate_cli import gate_section, regressions_text
 
@@ -218,6 +279,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             runner.results, Path(root), title="bailing-parity: parity suite",
             findings=runner.findings, environment=environment(), sections=sections,
         )
+        if runner.mtp_runs:
+            from harness.mtp import mtp_frame, save_mtp
+
+            save_mtp(mtp_frame(runner.mtp_runs), out)
         terminalreporter.write_line(f"parity report: {out / 'index.html'}")
 
 

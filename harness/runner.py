@@ -20,6 +20,8 @@ from harness.errors import InputError, PortFailure
 from harness.targets import Target, get_backend
 
 MODES = ("prefill", "decode")
+# Checks run once per case and candidate rather than per prompt.
+CASE_MODES = ("mtp", "slopes")
 
 
 @dataclass
@@ -31,6 +33,13 @@ class Runner:
     failures: dict[tuple[Target, Path], PortFailure] = field(default_factory=dict)
     results: list[PairResult] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
+    # Per-case checks beside the per-point ones (MTP acceptance, GLA slope verdicts).
+    mtp_runs: list = field(default_factory=list)
+    slope_verdicts: list = field(default_factory=list)
+
+    @property
+    def ran_anything(self) -> bool:
+        return bool(self.results or self.mtp_runs or self.slope_verdicts)
 
     def availability(self, target: Target) -> tuple[bool, str]:
         """Whether the target's backend can run here, with the reason if not."""
