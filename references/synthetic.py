@@ -3,25 +3,86 @@
 Per-tensor seeds come from the case seed and the tensor's name (as llama.cpp's test-llama-archs
 does), so adding a tensor never changes the others.  Norm weights and biases are never trivial,
 so a port that drops one is caught.
+
+Optional weight shaping (off by default; without it the bytes are those of the plain writer): a
+case may put knobs under the private config key ``_synthetic``, which the writer strips before it
+writes config.json.  They shape random weights into a model whose behaviour is meaningful where
+pure noise is not; ``cases/mtp-agree.toml`` uses them so that the MTP head's drafts agree with the
+trunk's next token often but not always:
+
+* ``residual_scale`` (float, 1.0): multiplies every residual-branch output projection (attention
+  ``dense``, dense-MLP, expert and shared-expert ``down_proj``) in the trunk layers, so the
+  residual stream stays near the token's embedding: "next token = f(current token)".
+* ``mtp_residual_scale`` (float, ``residual_scale``): the same for the MTP layer's block.
+* ``mtp_eh_identity`` (bool, false): the MTP ``eh_proj`` acts on ``[enorm(embedding) ;
+  hnorm(hidden)]`` as ``[I | mtp_eh_hidden_scale * W]`` (W the usual random init of the hidden
+  half): the head passes the next token's embedding through and the trunk hidden perturbs it.
+  Then the trunk at t+1 and the head at t both approximate lm_head(norm(embed(token t+1))).
+* ``mtp_eh_hidden_scale`` (float, 1.0): the hidden half's scale under ``mtp_eh_identity``.
+
+Norm weights and biases keep their non-trivial init under every knob.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from harness.errors import InputError
 from references.checkpoint_spec import Init, TensorSpec, expected_tensors
 from references.config import config_from_dict
 
 TRUNK_SHARD_TENSORS = 400  # trunk tensors per shard; small models still get 2 shards and an index
+SHAPING_KEY = "_synthetic"  # config key holding the shaping knobs; never written to config.json
+RESIDUAL_OUTPUTS = (".attention.dense.weight", ".down_proj.weight")
 
 
-def generate_tensor(spec: TensorSpec, seed: int) -> np.ndarray:
+@dataclass(frozen=True)
+class Shaping:
+    """Weight-shaping knobs; the defaults leave the random init untouched."""
+
+    residual_scale: float = 1.0
+    mtp_residual_scale: float | None = None  # the MTP layers' (None: residual_scale)
+    mtp_eh_identity: bool = False
+    mtp_eh_hidden_scale: float = 1.0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, where: str = SHAPING_KEY) -> Shaping:
+        raw = dict(raw or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise InputError(f"{where}: unknown shaping knob(s) {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if known[key].type == "bool":
+                if not isinstance(value, bool):
+                    raise InputError(f"{where}.{key} must be true or false, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise InputError(f"{where}.{key} must be a positive number, got {value!r}")
+            values[key] = value
+        return cls(**values)
+
+    def apply(self, spec: TensorSpec, values: np.ndarray) -> np.ndarray:
+        """Shape one generated tensor (float64, before the cast to float32)."""
+        scale = self.residual_scale
+        if spec.mtp and self.mtp_residual_scale is not None:
+            scale = self.mtp_residual_scale
+        if scale != 1.0 and spec.name.endswith(RESIDUAL_OUTPUTS):
+            values = values * scale
+        if self.mtp_eh_identity and spec.name.endswith(".eh_proj.weight"):
+            h = spec.shape[0]  # columns [embedding | hidden]
+            values = np.concatenate([np.eye(h), self.mtp_eh_hidden_scale * values[:, h:]], -1)
+        return values
+
+
+def generate_tensor(spec: TensorSpec, seed: int, shaping: Shaping | None = None) -> np.ndarray:
     """A deterministic random tensor: seeded by the case seed and the tensor's name."""
     name_seed = int.from_bytes(hashlib.sha256(spec.name.encode()).digest()[:8], "little")
     rng = np.random.default_rng([seed, name_seed])
@@ -34,11 +95,25 @@ def generate_tensor(spec: TensorSpec, seed: int) -> np.ndarray:
         values = 1.0 + 0.1 * normal
     else:  # Init.BIAS
         values = 0.1 * normal
+    if shaping is not None:
+        values = shaping.apply(spec, values)
     return values.astype(np.float32)
 
 
-def write_synthetic_checkpoint(cfg_json: dict[str, Any], seed: int, out_dir: Path) -> None:
-    """Write config.json, sharded trunk safetensors, the MTP file and the index into ``out_dir``."""
+def write_synthetic_checkpoint(
+    cfg_json: dict[str, Any],
+    seed: int,
+    out_dir: Path,
+    shaping: dict[str, Any] | None = None,
+) -> None:
+    """Write config.json, sharded trunk safetensors, the MTP file and the index into ``out_dir``.
+
+    Shaping knobs come from ``cfg_json[SHAPING_KEY]`` (a case's ``[config]`` table), overridden
+    by ``shaping``; the key is stripped from the config.json written.
+    """
+    knobs = {**(cfg_json.get(SHAPING_KEY) or {}), **(shaping or {})}
+    cfg_json = {k: v for k, v in cfg_json.items() if k != SHAPING_KEY}
+    shape = Shaping.from_dict(knobs, f"{out_dir / 'config.json'}: {SHAPING_KEY}")
     cfg = config_from_dict(cfg_json, out_dir / "config.json")
     specs = expected_tensors(cfg)
     trunk = [s for s in specs if not s.mtp]
@@ -55,7 +130,7 @@ def write_synthetic_checkpoint(cfg_json: dict[str, Any], seed: int, out_dir: Pat
     weight_map: dict[str, str] = {}
     total = 0
     for fname, group in files:
-        tensors = {s.name: generate_tensor(s, seed) for s in group}
+        tensors = {s.name: generate_tensor(s, seed, shape) for s in group}
         save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
         weight_map.update({s.name: fname for s in group})
         total += sum(t.nbytes for t in tensors.values())
