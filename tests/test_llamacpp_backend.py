@@ -362,11 +362,15 @@ def test_abi_probe_crash_is_caught_and_refused(tmp_path: Path) -> None:
 # --- the pytest plugin ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_plugin_skips_an_unsupported_architecture_and_runs_greedy(case) -> None:
-    """Under --require-backends a Ling-2.6 case skips (port coverage); greedy items pass."""
+    """Under --require-backends a Ling-2.6 case skips on upstream's converter (port coverage,
+    not a missing backend); greedy items pass."""
+    from harness.llamacpp.build import sdist_tree
+
     require_llamacpp()
+    stock = sdist_tree() / "vendor" / "llama.cpp"  # upstream, without our port's patches
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "cases", "--cases", "flash-mini,ling3-mini",
-         "--backends", "llamacpp", "--modes", "greedy", "--require-backends",
+         "--backends", f"llamacpp:tree={stock}", "--modes", "greedy", "--require-backends",
          "-p", "no:cacheprovider", "-q"],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )

@@ -184,15 +184,18 @@ def test_ling26_is_not_supported_by_upstream(tmp_path: Path, gguf_cache: Path) -
     from tests.tiny_checkpoint import write_tiny_checkpoint
 
     need_converter()
+    from harness.llamacpp.build import sdist_tree
+
     ckpt = write_tiny_checkpoint(tmp_path / "ling26")
-    conv = convert(ckpt, "f32", cache=gguf_cache)
+    stock = sdist_tree() / "vendor" / "llama.cpp"  # upstream, without our port's patches
+    conv = convert(ckpt, "f32", tree=stock, cache=gguf_cache)
     assert not conv.supported and conv.gguf is None
     assert conv.reason.startswith("architecture not supported by this build")
     assert "BailingMoeV2_5ForCausalLM" in conv.reason
     with pytest.raises(ArchitectureNotSupported) as e:
         conv.require()
     assert isinstance(e.value, InputError)
-    assert convert(ckpt, "f32", cache=gguf_cache).cached  # the refusal is cached too
+    assert convert(ckpt, "f32", tree=stock, cache=gguf_cache).cached  # the refusal is cached too
 
 
 def test_a_converter_crash_on_a_known_architecture_is_a_port_failure(
