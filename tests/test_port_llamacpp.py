@@ -23,6 +23,8 @@ from harness import capture_points
 from harness.llamacpp import build
 from ports.llamacpp import port
 
+ROOT = Path(__file__).resolve().parent.parent
+
 CASES = ("flash-mini", "tail-clause", "heads-6", "rope-dims", "no-qlora", "long-context")
 NMSE_MAX = 1e-8
 REQUIRE_ENV = "BAILING_PARITY_REQUIRE_LLAMACPP"
@@ -213,3 +215,39 @@ def test_loader_accepts_the_known_fork_mtp_head_count(site: Path, tmp_path: Path
             w.load(path)
             logits.append(w.feed(tokens).logits)
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_a_flash_shaped_gguf_passes_the_inventory_against_the_known_forks_map(
+    vendored: Path,
+) -> None:
+    """Our converter's layout is the fork's: every tensor and key accounted for by its map."""
+    from harness.cases import load_case, materialize
+    from harness.llamacpp.convert import convert
+    from harness.llamacpp.inventory import inventory, render
+
+    ckpt = materialize(load_case(ROOT / "cases" / "flash-mini.toml"))
+    gguf = convert(ckpt, "f32", tree=port.converter_tree()).require()
+    inv = inventory(gguf, ckpt, port="ljubomirj-bailing_hybrid")
+    assert inv.arch == "bailing_hybrid"
+    assert [f for f in render(inv) if "notes:" not in f] == []
+
+
+def test_the_port_refuses_a_gguf_whose_config_it_cannot_represent(vendored: Path) -> None:
+    """rope-dims needs MLA rope dims != GLA rope dims; without the key that says so, llama.cpp
+    must refuse the file with a message naming the tensor, not compute something else."""
+    from harness.backends.base import BackendOptions
+    from harness.backends.llamacpp_backend import LlamaCppBackend
+    from harness.cases import load_case, materialize
+    from harness.errors import InputError, PortFailure
+    from harness.llamacpp.convert import convert
+    from harness.llamacpp.inventory import rewrite_gguf
+
+    ckpt = materialize(load_case(ROOT / "cases" / "rope-dims.toml"))
+    gguf = convert(ckpt, "f32", tree=port.converter_tree()).require()
+    damaged = rewrite_gguf(gguf, gguf.parent.parent / "rope-dims-no-mla-rope-key.gguf",
+                           drop_keys=["bailing_hybrid.rope.dimension_count_mla"])
+    with pytest.raises((PortFailure, InputError)) as err:
+        model = LlamaCppBackend().load(ckpt, BackendOptions(extra={"gguf": str(damaged)}))
+        model.start().feed([1, 2, 3])
+    text = str(err.value)
+    assert "blk.1.attn_kv_a_mqa.weight' has wrong shape" in text, text
