@@ -58,6 +58,7 @@ MTP_BACKENDS: dict[str, str] = {
     "torch": "harness.mtp:_load_torch",
     "mlx": "harness.backends.mlx_mtp:load_mlx_mtp",
 }
+MTP_BACKENDS["llamacpp"] = "harness.llamacpp.mtp:load_llamacpp_mtp"
 
 
 # --------------------------------------------------------------------------------------------

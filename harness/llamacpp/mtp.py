@@ -1,0 +1,680 @@
+"""Speculative MTP decoding through llama.cpp: a :class:`harness.mtp.MtpModel` in a child process.
+
+``load_llamacpp_mtp`` converts and inventories the checkpoint as the llama.cpp backend does
+(:mod:`harness.backends.llamacpp_backend`), then starts ``python -m harness.llamacpp.mtp`` with two
+contexts on one model: the trunk (``embeddings_nextn`` on: the post-norm hidden h_t of every
+position) and the MTP head (``ctx_type = LLAMA_CONTEXT_TYPE_MTP``, ``ctx_other`` = trunk).  The
+child is driven the way upstream's ``draft-mtp`` (``common/speculative.cpp``) drives them, and
+the way :mod:`ports.llamacpp.mtp_worker` does for the per-point parity test:
+
+- MTP entry t is token x_{t+1} with h_t attached (``llama_batch_ext_set_embd_token``), placed at
+  the token's position t+1 (a uniform shift; RoPE scores are unchanged);
+- ``draft(next_token)`` commits every fed position whose next token is now known in one MTP
+  batch (only the last row outputs logits), after trimming the MTP KV cache back to the
+  committed entries (``llama_memory_seq_rm``: the chained entries of the previous step go);
+- ``draft_chain(token)`` adds one entry at the next position, reusing a hidden of the head's own
+  last row: ``mtp_chain=nextn`` (default) takes ``llama_get_embeddings_nextn_ith`` as
+  upstream's draft-mtp does (for this port: *after* the MTP block's final_layernorm);
+  ``mtp_chain=l_out`` takes the block output before that norm (the ``mtp_l_out`` capture), which
+  is what the reference (``references/mtp_session.py``) and vLLM chain on.
+
+Undo: the port's GLA layers keep no per-token recurrent states (``n_rs_seq`` unset), so a partial
+``llama_memory_seq_rm`` of the trunk fails.  ``snapshot()`` therefore copies the trunk sequence
+(``llama_state_seq_get_data``: MLA latent cells + GLA states) into the child's memory and
+``restore()`` clears the sequence and writes it back (``llama_state_seq_set_data``): bit-exact, a
+memcpy of the sequence's state per verification step (O(context) bytes, no recompute; re-feeding
+the history would be O(context) compute and not bit-exact, since chunking changes float32
+rounding).  The MTP cache needs no copy: entries after the snapshot are trimmed at the next
+draft.  Snapshots are freed in the child when their Python object is collected.
+
+Everything that talks to llama.cpp runs in the child; an abort, segfault or hang there is a
+:class:`harness.errors.PortFailure` (:class:`harness.llamacpp.client.WorkerClient`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+import weakref
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.errors import InputError, PortFailure
+from harness.llamacpp.client import _REPO_ROOT, WorkerClient
+
+MTP_EXTRA_KEYS = ("mtp_chain",)
+CHAIN_HIDDEN = ("nextn", "l_out")
+
+# staging API of src/llama-ext.h: declared without extern "C", so exported C++-mangled
+_SYM_SET_NEXTN = "_Z26llama_set_embeddings_nextnP13llama_contextbb"
+_SYM_GET_NEXTN_ITH = "_Z30llama_get_embeddings_nextn_ithP13llama_contexti"
+
+
+# ============================================================================================
+# Parent side
+
+
+class MtpWorkerClient(WorkerClient):
+    """A :class:`WorkerClient` whose child is this module's MTP server (same protocol and
+    failure handling: crash, hang or error reply -> PortFailure)."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float = 300.0,
+        load_timeout: float = 900.0,
+        env: dict[str, str] | None = None,
+        site: Path | None = None,
+        label: str = "llama.cpp MTP",
+    ) -> None:
+        self.timeout = timeout
+        self.load_timeout = load_timeout
+        self.label = label
+        self._workdir = Path(tempfile.mkdtemp(prefix="bailing-llamacpp-mtp-"))
+        self._stderr_path = self._workdir / "worker.stderr"
+        self._stderr = self._stderr_path.open("wb")
+        child_env = dict(os.environ if env is None else env)
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            [*([str(site)] if site else []), str(_REPO_ROOT)]
+            + [p for p in [child_env.get("PYTHONPATH")] if p]
+        )
+        child_env.setdefault("PYTHONFAULTHANDLER", "1")
+        child_env.setdefault("GGML_NO_BACKTRACE", "1")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.llamacpp.mtp", str(self._workdir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=child_env,
+            cwd=str(self._workdir),
+        )
+        self._buf = b""
+        self.info: dict[str, Any] = {}
+        self.params = None
+        self._seq = 0
+
+    @property
+    def workdir(self) -> Path:
+        return self._workdir
+
+    def input_file(self, **arrays: np.ndarray) -> str:
+        """Write arrays for the child into the shared work dir (the child deletes the file)."""
+        self._seq += 1
+        path = self._workdir / f"in-{self._seq}.npz"
+        np.savez(path, **arrays)
+        return str(path)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    p = Path(path)
+    try:
+        with np.load(p) as npz:
+            return {k: npz[k] for k in npz.files}
+    finally:
+        p.unlink(missing_ok=True)
+
+
+def _split_options(options: Any) -> tuple[Any, str]:
+    """(BackendOptions without this module's keys, chain-hidden choice)."""
+    extra = dict(options.extra)
+    chain = str(extra.pop("mtp_chain", "nextn")).strip().lower()
+    if chain not in CHAIN_HIDDEN:
+        raise InputError(f"llamacpp: mtp_chain={chain!r}; known: {', '.join(CHAIN_HIDDEN)}")
+    return replace(options, extra=extra), chain
+
+
+def load_llamacpp_mtp(
+    checkpoint_dir: Path, options: Any, label: str = "llamacpp"
+) -> LlamaCppMtpModel:
+    """Convert (cached), inventory, start the MTP child and load the GGUF with its MTP head.
+
+    ``options``: the llama.cpp backend's (``harness.backends.llamacpp_backend``) plus
+    ``mtp_chain=nextn|l_out`` (the hidden chained drafts reuse; see the module doc).
+    """
+    from harness.backends.llamacpp_backend import parse_options
+    from harness.errors import ArchitectureNotSupported
+    from harness.families import family_of
+    from harness.llamacpp import abi
+    from harness.llamacpp.convert import convert
+    from harness.llamacpp.inventory import inventory, render
+
+    checkpoint = Path(checkpoint_dir).expanduser().resolve()
+    options, chain = _split_options(options)
+    settings = parse_options(options)
+    env = None
+    if settings.lib_path is not None:
+        abi.check_library(settings.lib_path, site=settings.site)
+        env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(settings.lib_path.resolve()))
+    cfg_path = checkpoint / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{cfg_path}: cannot read ({e})") from None
+    if not int(config.get("num_nextn_predict_layers") or 0):
+        raise InputError(f"{checkpoint}: num_nextn_predict_layers is 0: no MTP head to draft with")
+    family = family_of(config, cfg_path)
+    findings: list[str] = []
+    if settings.gguf is not None:
+        gguf = settings.gguf.resolve()
+        findings.append(f"GGUF given by the user, not converted here: {gguf}")
+    else:
+        conv = convert(checkpoint, settings.outtype, tree=settings.tree)
+        findings += conv.findings
+        if not conv.supported:
+            raise ArchitectureNotSupported(
+                f"{conv.reason}; the checkpoint is {family.name} ({family.architecture})"
+            )
+        gguf = conv.require()
+    findings += render(inventory(gguf, checkpoint))
+
+    client = MtpWorkerClient(
+        env=env, site=settings.site, timeout=settings.timeout, label=f"llama.cpp MTP ({gguf.name})"
+    )
+    params = replace(settings.params, load_mtp=True)
+    try:
+        info = client.request(
+            {"op": "load", "model": str(gguf), "params": params.record(), "chain": chain},
+            doing=f"loading {gguf.name} with its MTP head",
+            timeout=client.load_timeout,
+        )
+    except PortFailure as e:
+        client.close()
+        if "unknown model architecture" in str(e):
+            raise ArchitectureNotSupported(
+                f"architecture not supported by this build: libllama refuses {gguf.name} "
+                f"(unknown model architecture); the checkpoint is {family.name} "
+                f"({family.architecture})"
+            ) from None
+        raise
+    except BaseException:
+        client.close()
+        raise
+    info.pop("ok", None)
+    if not int(info.get("n_layer_nextn") or 0):
+        client.close()
+        raise PortFailure(f"{gguf.name}: llama.cpp loaded no NextN layer (n_layer_nextn = 0)")
+    client.info = info
+    return LlamaCppMtpModel(client, info, gguf, chain, label, findings)
+
+
+class LlamaCppMtpModel:
+    """The trunk and MTP contexts in a child; one live session at a time (start() resets)."""
+
+    def __init__(
+        self,
+        client: MtpWorkerClient,
+        info: dict[str, Any],
+        gguf: Path,
+        chain: str,
+        label: str,
+        findings: list[str],
+    ) -> None:
+        self.client = client
+        self.info = info
+        self.gguf = gguf
+        self.chain_hidden = chain
+        self.label = label
+        self.findings = findings
+        self.vocab_size = int(info["n_vocab"])
+        self.n_embd = int(info["n_embd"])
+        self._generation = 0
+        self._drops: list[int] = []  # snapshot ids collected in the parent, freed in the child
+        self.snapshot_bytes = 0  # size of the last trunk snapshot (the cost of one undo point)
+        self.snapshots_held = 0  # trunk snapshots the child held after the last save
+        weakref.finalize(self, client.close)
+
+    def request(self, req: dict[str, Any], doing: str) -> dict[str, Any]:
+        if self._drops:  # the list object stays: finalizers hold its append
+            req["drop"] = list(self._drops)
+            self._drops.clear()
+        return self.client.request(req, doing=doing)
+
+    def start(self) -> LlamaCppMtpSession:
+        self.request({"op": "reset"}, "resetting both contexts")
+        self._generation += 1
+        return LlamaCppMtpSession(self, self._generation)
+
+    def describe(self) -> dict[str, Any]:
+        return {"gguf": str(self.gguf), "mtp_chain": self.chain_hidden, **self.info}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _Snapshot:
+    """An undo point: a trunk state held by the child, plus the parent's bookkeeping."""
+
+    def __init__(
+        self,
+        sid: int,
+        tokens: tuple[int, ...],
+        pending: np.ndarray | None,
+        mtp_done: int,
+        chain: tuple[np.ndarray, tuple[int, ...]] | None,
+    ) -> None:
+        self.sid, self.tokens, self.pending = sid, tokens, pending
+        self.mtp_done, self.chain = mtp_done, chain
+
+
+class LlamaCppMtpSession:
+    """One sequence: positions, the trunk hiddens the head still needs, the chaining state."""
+
+    def __init__(self, model: LlamaCppMtpModel, generation: int) -> None:
+        self._m = model
+        self._generation = generation
+        self._tokens: list[int] = []
+        self._pending: np.ndarray | None = None  # [n, n_embd] hiddens of mtp_done..len-1
+        self._mtp_done = 0  # positions committed to the MTP cache
+        self._chain: tuple[np.ndarray, tuple[int, ...]] | None = None
+
+    def _check(self) -> None:
+        if self._generation != self._m._generation:
+            raise RuntimeError("this llama.cpp MTP session was superseded by a later start()")
+
+    def feed(self, tokens: Sequence[int]) -> np.ndarray:
+        self._check()
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("feed needs at least one token")
+        r = self._m.request(
+            {"op": "feed", "tokens": tokens},
+            f"decoding {len(tokens)} trunk token(s) at position {len(self._tokens)}",
+        )
+        out = _read_npz(r["npz"])
+        hidden = out["hidden"]
+        self._tokens += tokens
+        self._pending = hidden if self._pending is None else np.concatenate([self._pending, hidden])
+        return out["logits"].astype(np.float64)
+
+    def _head(
+        self, ids: list[int], hidden: np.ndarray, pos0: int, keep: int | None, doing: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        m = self._m
+        path = m.client.input_file(hidden=np.ascontiguousarray(hidden, dtype=np.float32))
+        r = m.request(
+            {"op": "mtp", "tokens": ids, "hidden": path, "pos0": pos0, "keep": keep}, doing
+        )
+        out = _read_npz(r["npz"])
+        return out["logits"].astype(np.float64), out["chain"]
+
+    def draft(self, next_token: int) -> np.ndarray:
+        self._check()
+        if not self._tokens:
+            raise ValueError("draft needs at least one fed token")
+        start, stop = self._mtp_done, len(self._tokens)
+        if self._pending is None or len(self._pending) != stop - start:
+            raise ValueError("draft needs tokens fed since the last draft")
+        known = (*self._tokens, int(next_token))
+        ids = list(known[start + 1 : stop + 1])
+        # entry t sits at token position t+1: keep entries 0..start-1, i.e. positions <= start
+        logits, chain = self._head(
+            ids,
+            self._pending,
+            start + 1,
+            start + 1,
+            f"MTP draft for positions {start}..{stop - 1}",
+        )
+        self._pending, self._mtp_done = None, stop
+        self._chain = (chain, known)
+        return logits
+
+    def draft_chain(self, token: int) -> np.ndarray:
+        self._check()
+        if self._chain is None:
+            raise ValueError("draft_chain needs a draft() first")
+        hidden, known = self._chain
+        known = (*known, int(token))
+        position = len(known) - 2
+        logits, chain = self._head(
+            [int(token)],
+            hidden[None, :],
+            position + 1,
+            None,
+            f"chained MTP draft at position {position}",
+        )
+        self._chain = (chain, known)
+        return logits
+
+    def snapshot(self) -> _Snapshot:
+        self._check()
+        m = self._m
+        r = m.request({"op": "save"}, f"saving the trunk state at position {len(self._tokens)}")
+        m.snapshot_bytes, m.snapshots_held = int(r["bytes"]), int(r["held"])
+        snap = _Snapshot(
+            int(r["id"]), tuple(self._tokens), self._pending, self._mtp_done, self._chain
+        )
+        weakref.finalize(snap, m._drops.append, snap.sid)
+        return snap
+
+    def restore(self, snap: _Snapshot) -> None:
+        self._check()
+        self._m.request(
+            {"op": "restore", "id": snap.sid},
+            f"restoring the trunk state of position {len(snap.tokens)}",
+        )
+        self._tokens = list(snap.tokens)
+        self._pending = snap.pending
+        self._mtp_done = snap.mtp_done
+        self._chain = snap.chain
+
+
+# ============================================================================================
+# Child side: python -m harness.llamacpp.mtp WORKDIR (protocol of harness.llamacpp.worker)
+
+
+class MtpEngine:
+    """The trunk context (from :class:`harness.llamacpp.worker.Engine`) plus an MTP context."""
+
+    def __init__(self, workdir: Path) -> None:
+        from harness.llamacpp.worker import Engine
+
+        self.base = Engine(workdir)
+        self.ll = self.base.ll
+        self.workdir = workdir
+        self.ctx_mtp: Any = None
+        self.n_embd = 0
+        self.chain = "nextn"
+        self.states: dict[int, tuple[Any, int, int]] = {}  # id -> (buffer, size, n_past)
+        self._next_id = 0
+        self._seq = 0
+
+    def _sym(self, name: str, argtypes: list[Any], restype: Any) -> Any:
+        from harness.llamacpp.worker import WorkerError
+
+        try:
+            f = getattr(self.ll.llama_cpp._lib, name)
+        except AttributeError:
+            raise WorkerError(
+                f"libllama lacks {name} (the MTP staging API of src/llama-ext.h)", "load"
+            ) from None
+        f.argtypes, f.restype = argtypes, restype
+        return f
+
+    def load(self, model: str, params: dict[str, Any], chain: str) -> dict[str, Any]:
+        from harness.llamacpp.worker import WorkerError
+
+        ll, base = self.ll, self.base
+        if not hasattr(ll, "LLAMA_CONTEXT_TYPE_MTP"):
+            raise WorkerError("this llama_cpp has no LLAMA_CONTEXT_TYPE_MTP", "load")
+        self.chain = chain
+        self.set_nextn = self._sym(
+            _SYM_SET_NEXTN, [ctypes.c_void_p, ctypes.c_bool, ctypes.c_bool], None
+        )
+        self.get_nextn_ith = self._sym(
+            _SYM_GET_NEXTN_ITH, [ctypes.c_void_p, ctypes.c_int32], ctypes.POINTER(ctypes.c_float)
+        )
+        info = base.load(model, params)
+        if not info.get("n_layer_nextn"):
+            return info
+        self.n_embd = int(info["n_embd"])
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = ll.llama_n_ctx(base.ctx)
+        cp.n_batch = ll.llama_n_batch(base.ctx)
+        cp.n_ubatch = ll.llama_n_ubatch(base.ctx)
+        cp.n_seq_max = 1
+        cp.n_threads = cp.n_threads_batch = int(info["n_threads"])
+        from harness.llamacpp.worker import _KV_TYPES
+
+        cp.type_k = _KV_TYPES[params.get("type_k", "f32")]
+        cp.type_v = _KV_TYPES[params.get("type_v", "f32")]
+        cp.flash_attn_type = (
+            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if params.get("flash_attn", False)
+            else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cp.no_perf = True
+        cp.ctx_type = ll.LLAMA_CONTEXT_TYPE_MTP
+        cp.n_rs_seq = 0
+        cp.ctx_other = base.ctx
+        cp.cb_eval = base._cb
+        cp.cb_eval_user_data = None
+        self.ctx_mtp = ll.llama_init_from_model(base.model, cp)
+        if not self.ctx_mtp:
+            raise WorkerError("creating the MTP context failed (see its log below)", "load")
+        self.set_nextn(base.ctx, True, False)  # h_t of every trunk row
+        self.set_nextn(self.ctx_mtp, True, True)
+        return {**info, "mtp_chain": chain}
+
+    def _out(self, **arrays: np.ndarray) -> dict[str, Any]:
+        self._seq += 1
+        path = self.workdir / f"mtp-{os.getpid()}-{self._seq}.npz"
+        np.savez(path, **arrays)
+        return {"npz": str(path)}
+
+    def _decode_error(self) -> None:
+        from harness.llamacpp.worker import WorkerError
+
+        if self.base.cb_error is not None:
+            err = "".join(traceback.format_exception(self.base.cb_error))
+            raise WorkerError(f"eval callback failed:\n{err}", "callback")
+
+    def feed(self, tokens: list[int]) -> dict[str, Any]:
+        """Trunk: logits and the nextn hidden of every fed row."""
+        from harness.llamacpp.worker import WorkerError
+
+        ll, base = self.ll, self.base
+        self._require()
+        bad = [x for x in tokens if not 0 <= x < base.n_vocab]
+        if not tokens or bad:
+            raise WorkerError(f"bad trunk tokens (empty or out of range): {bad[:5]}", "input")
+        if base.n_past + len(tokens) > ll.llama_n_ctx(base.ctx):
+            raise WorkerError(f"{base.n_past} + {len(tokens)} tokens exceed n_ctx", "input")
+        base.wanted = frozenset()
+        logits = np.empty((len(tokens), base.n_vocab), dtype=np.float32)
+        hidden = np.empty((len(tokens), self.n_embd), dtype=np.float32)
+        for start in range(0, len(tokens), base.n_ubatch):
+            part = tokens[start : start + base.n_ubatch]
+            base.cb_error = None
+            batch = ll.llama_batch_init(len(part), 0, 1)
+            try:
+                for i, tok in enumerate(part):
+                    batch.token[i] = tok
+                    batch.pos[i] = base.n_past + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1
+                batch.n_tokens = len(part)
+                rc = ll.llama_decode(base.ctx, batch)
+            finally:
+                ll.llama_batch_free(batch)
+            self._decode_error()
+            if rc != 0:
+                raise WorkerError(f"trunk llama_decode returned {rc} at {base.n_past}", "decode")
+            for i in range(len(part)):
+                logits[start + i] = np.ctypeslib.as_array(
+                    ll.llama_get_logits_ith(base.ctx, i), shape=(base.n_vocab,)
+                )
+                h = self.get_nextn_ith(base.ctx, i)
+                if not h:
+                    raise WorkerError(f"no nextn hidden for trunk row {i}", "decode")
+                hidden[start + i] = np.ctypeslib.as_array(h, shape=(self.n_embd,))
+            base.n_past += len(part)
+        return {**self._out(logits=logits, hidden=hidden), "n_past": base.n_past}
+
+    def mtp(
+        self, tokens: list[int], hidden_path: str, pos0: int, keep: int | None
+    ) -> dict[str, Any]:
+        """MTP entries (token, hidden) from position pos0; logits + chain hidden of the last."""
+        from harness.llamacpp.worker import WorkerError
+
+        ll, base = self.ll, self.base
+        self._require()
+        with np.load(hidden_path) as npz:
+            rows = np.ascontiguousarray(npz["hidden"], dtype=np.float32)
+        Path(hidden_path).unlink(missing_ok=True)
+        if rows.shape != (len(tokens), self.n_embd) or not tokens:
+            raise WorkerError(f"MTP rows {rows.shape} for {len(tokens)} token(s)", "input")
+        mem = ll.llama_get_memory(self.ctx_mtp)
+        if keep is not None and not ll.llama_memory_seq_rm(mem, 0, keep, -1):
+            raise WorkerError(f"MTP cache: llama_memory_seq_rm(0, {keep}, -1) refused", "decode")
+        base.wanted = frozenset({"mtp_l_out"} if self.chain == "l_out" else ())
+        logits = chain = None
+        for start in range(0, len(tokens), base.n_ubatch):
+            part = tokens[start : start + base.n_ubatch]
+            base.graph, base.cb_error = {}, None
+            batch = ll.llama_batch_ext_init(self.ctx_mtp)
+            last = -1
+            try:
+                for i, tok in enumerate(part):
+                    idx = ll.llama_batch_ext_add_token(batch, 0, tok)
+                    pos = (ll.llama_pos * 1)(pos0 + start + i)
+                    ll.llama_batch_ext_set_pos(batch, idx, pos)
+                    data = rows[start + i].ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                    if not ll.llama_batch_ext_set_embd_token(
+                        batch, idx, ll.llama_embd(data, 1, self.n_embd)
+                    ):
+                        raise WorkerError("llama_batch_ext_set_embd_token refused", "decode")
+                    last = idx
+                ll.llama_batch_ext_set_output_logits(batch, last, True)
+                rc = ll.llama_process(self.ctx_mtp, ll.LLAMA_PROCESS_TYPE_DECODE, batch)
+            finally:
+                ll.llama_batch_ext_free(batch)
+            self._decode_error()
+            if rc != 0:
+                raise WorkerError(f"MTP llama_process returned {rc} at {pos0 + start}", "decode")
+            logits = np.ctypeslib.as_array(
+                ll.llama_get_logits_ith(self.ctx_mtp, last), shape=(base.n_vocab,)
+            ).copy()
+            if self.chain == "l_out":
+                if "mtp_l_out" not in base.graph:
+                    raise WorkerError("the MTP graph names no mtp_l_out", "decode")
+                chain = base.graph["mtp_l_out"].reshape(-1, self.n_embd)[-1].copy()
+            else:
+                h = self.get_nextn_ith(self.ctx_mtp, last)
+                if not h:
+                    raise WorkerError("no nextn hidden for the MTP row", "decode")
+                chain = np.ctypeslib.as_array(h, shape=(self.n_embd,)).copy()
+        assert logits is not None and chain is not None
+        return self._out(logits=logits, chain=chain)
+
+    def save(self) -> dict[str, Any]:
+        """Copy the trunk sequence (MLA cells + GLA states) into a buffer kept here."""
+        from harness.llamacpp.worker import WorkerError
+
+        ll, base = self.ll, self.base
+        self._require()
+        n = int(ll.llama_state_seq_get_size(base.ctx, 0))
+        buf = (ctypes.c_uint8 * max(n, 1))()
+        written = int(ll.llama_state_seq_get_data(base.ctx, buf, n, 0))
+        if written != n:
+            raise WorkerError(f"llama_state_seq_get_data wrote {written} of {n} bytes", "state")
+        self._next_id += 1
+        self.states[self._next_id] = (buf, n, base.n_past)
+        return {"id": self._next_id, "bytes": n, "held": len(self.states)}
+
+    def restore(self, sid: int) -> dict[str, Any]:
+        from harness.llamacpp.worker import WorkerError
+
+        ll, base = self.ll, self.base
+        self._require()
+        if sid not in self.states:
+            raise WorkerError(f"no saved state {sid}", "protocol")
+        buf, n, n_past = self.states[sid]
+        mem = ll.llama_get_memory(base.ctx)
+        if not ll.llama_memory_seq_rm(mem, 0, -1, -1):
+            raise WorkerError("clearing the trunk sequence failed", "state")
+        read = int(ll.llama_state_seq_set_data(base.ctx, buf, n, 0))
+        if read != n:
+            raise WorkerError(f"llama_state_seq_set_data read {read} of {n} bytes", "state")
+        base.n_past = n_past
+        return {"n_past": n_past}
+
+    def reset(self) -> dict[str, Any]:
+        ll, base = self.ll, self.base
+        if self.ctx_mtp is not None:
+            ll.llama_memory_clear(ll.llama_get_memory(self.ctx_mtp), True)
+        self.states.clear()
+        return base.reset()
+
+    def _require(self) -> None:
+        from harness.llamacpp.worker import WorkerError
+
+        if self.ctx_mtp is None:
+            raise WorkerError("no model with an MTP context loaded", "protocol")
+
+    def close(self) -> None:
+        if self.ctx_mtp is not None:
+            self.ll.llama_free(self.ctx_mtp)
+            self.ctx_mtp = None
+        self.states.clear()
+        self.base.close()
+
+
+def serve(inp: Any, out: Any, workdir: Path) -> None:
+    """Answer requests until EOF or ``{"op": "close"}``; ``drop`` in any request frees states."""
+    from harness.llamacpp.worker import WorkerError, _crash
+
+    engine: MtpEngine | None = None
+
+    def reply(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    for line in inp:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        op = req.get("op")
+        try:
+            if op == "close":
+                reply({"ok": True})
+                break
+            if op == "_crash":
+                _crash(str(req.get("how", "abort")))
+            if engine is None:
+                engine = MtpEngine(workdir)
+            for sid in req.get("drop", ()):
+                engine.states.pop(int(sid), None)
+            if op == "load":
+                result = engine.load(req["model"], req.get("params", {}), req.get("chain", "nextn"))
+            elif op == "feed":
+                result = engine.feed([int(t) for t in req["tokens"]])
+            elif op == "mtp":
+                keep = req.get("keep")
+                result = engine.mtp(
+                    [int(t) for t in req["tokens"]],
+                    req["hidden"],
+                    int(req["pos0"]),
+                    None if keep is None else int(keep),
+                )
+            elif op == "save":
+                result = engine.save()
+            elif op == "restore":
+                result = engine.restore(int(req["id"]))
+            elif op == "reset":
+                result = engine.reset()
+            else:
+                raise WorkerError(f"unknown op {op!r}", "protocol")
+            reply({"ok": True, **result})
+        except WorkerError as e:
+            reply({"ok": False, "kind": e.kind, "error": str(e)})
+        except Exception as e:
+            reply(
+                {"ok": False, "kind": "exception", "error": "".join(traceback.format_exception(e))}
+            )
+    if engine is not None:
+        engine.close()
+
+
+def main() -> int:
+    """Entry point: protocol on a private fd, fd 1 redirected to stderr (as the worker)."""
+    workdir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd()
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    serve(sys.stdin, proto, workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
