@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from harness.bench_import import KINDS, import_file, parse_import_spec, to_batched_bench_markdown
-from harness.cases import load_cases
+from harness.cases import CASES_DIR, load_cases
 from harness.errors import InputError
 from harness.report import Section, _inline_svg
 from harness.roofline import measure_bandwidth_gbs
@@ -57,6 +57,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="targets to measure, e.g. 'torch,mlx' or 'mlx-float32'; 'none' to only "
                         f"import (default: every registered backend, {','.join(BACKENDS)})")
     p.add_argument("--cases", default="flash-mini", help="comma-separated case names")
+    p.add_argument("--cases-dir", type=Path, default=None,
+                   help="folder to find the --cases in (default: cases/); e.g. cases/bench for "
+                        "benchmark shapes that are not parity cases")
     p.add_argument("--pp", default="128,512,2048,8192,32768", help="prompt lengths (PP)")
     p.add_argument("--tg", type=int, default=128, help="decode steps after each prefill (TG)")
     p.add_argument("--batch", default="1", help="parallel sequences B (torch/mlx: 1 only)")
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.exists() and any(args.out.iterdir()):
         raise InputError(f"{args.out}: exists and is not empty; a report is never overwritten")
     case_names = [c.strip() for c in args.cases.split(",") if c.strip()]
-    cases = load_cases(case_names) if case_names else []
+    cases_dir = args.cases_dir if args.cases_dir is not None else CASES_DIR
+    cases = load_cases(case_names, cases_dir) if case_names else []
     imports = [parse_import_spec(s) for s in args.imports]
     measure = args.backends.strip().lower() not in ("", "none")
     targets = parse_targets(args.backends) if measure else []
