@@ -38,11 +38,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--reference", default=REFERENCE,
                     help=f"the reference target (default {REFERENCE})")
     group.addoption("--cases", default="", help="comma-separated case names (default: all)")
-    group.addoption("--modes", default=",".join(MODES + CASE_MODES),
+    group.addoption("--modes", default=",".join((*MODES, "greedy", *CASE_MODES)),
                     help="checks per pair: prefill (one forward), decode (prefill + steps), "
+                         "greedy (64 greedy tokens; at a mismatch vLLM's top-k rule decides), "
                          "mtp (draft acceptance equal to the reference's), slopes (GLA decay "
-                         "verdict 'corrected'), greedy (64 greedy tokens, vLLM's top-k rule; "
-                         "opt-in)")
+                         "verdict 'corrected')")
     group.addoption("--mlx-model-module", default=None,
                     help="put this MLX port module (shaped like mlx-lm's bailing_hybrid.py) "
                          "under test instead of mlx-lm's own")

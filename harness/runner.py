@@ -39,7 +39,7 @@ class Runner:
 
     @property
     def ran_anything(self) -> bool:
-        return bool(self.results or self.mtp_runs or self.slope_verdicts)
+        return bool(self.results or self.mtp_runs or self.slope_verdicts or self.findings)
 
     def availability(self, target: Target) -> tuple[bool, str]:
         """Whether the target's backend can run here, with the reason if not."""
