@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,16 +88,9 @@ def family_of(config: dict[str, Any], path: Path | str = "config.json") -> Famil
 
 def load_checkpoint_config(checkpoint_dir: Path) -> tuple[Family, Any]:
     """Read ``config.json`` and validate it with its family's rules: (family, config)."""
+    from references.config import read_config_json
+
     path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise InputError(f"{path}: not found (a checkpoint directory needs config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot be read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object at the top level")
+    raw = read_config_json(path)
     family = family_of(raw, path)
     return family, family.validate_config(raw, path)

@@ -183,6 +183,11 @@ def _check_consistency(cfg: BailingHybridConfig, path: Path) -> None:
 def load_config(checkpoint_dir: Path) -> BailingHybridConfig:
     """Read and validate ``checkpoint_dir/config.json``."""
     path = Path(checkpoint_dir) / "config.json"
+    return config_from_dict(read_config_json(path), path)
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A config.json as a dict; every way it can be unusable is an InputError naming the file."""
     if not path.is_file():
         raise InputError(f"{path}: not found (a checkpoint directory needs config.json)")
     try:
@@ -193,4 +198,4 @@ def load_config(checkpoint_dir: Path) -> BailingHybridConfig:
         raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a JSON object at the top level")
-    return config_from_dict(raw, path)
+    return raw

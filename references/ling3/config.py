@@ -10,13 +10,13 @@ which one.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from harness.errors import InputError
+from references.config import read_config_json
 
 ARCHITECTURE = "BailingMoeV3ForCausalLM"
 TRANSFORMERS_ARCHITECTURE = "BailingHybridForCausalLM"  # what transformers' save_pretrained writes
@@ -230,14 +230,4 @@ def _check_consistency(cfg: Ling3Config, path: Path) -> None:
 def load_config(checkpoint_dir: Path) -> Ling3Config:
     """Read and validate ``checkpoint_dir/config.json``."""
     path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise InputError(f"{path}: not found (a checkpoint directory needs config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot be read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object at the top level")
-    return config_from_dict(raw, path)
+    return config_from_dict(read_config_json(path), path)
