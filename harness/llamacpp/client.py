@@ -115,11 +115,13 @@ class WorkerClient:
         site: Path | None = None,
         backtrace: bool = False,
         label: str = "llama.cpp",
+        module: str = "harness.llamacpp.worker",
     ) -> None:
         """Start the worker.
 
         ``site``: a dir from ``build.ensure_site`` to run that build instead of the installed
-        one.  ``backtrace``: let ggml print a native backtrace on abort (it attaches gdb when
+        one.  ``module``: the child's server module (same protocol; e.g. the MTP server).
+        ``backtrace``: let ggml print a native backtrace on abort (it attaches gdb when
         present: slow, and hundreds of lines), off by default.
         """
         self.timeout = timeout
@@ -137,7 +139,7 @@ class WorkerClient:
         if not backtrace:
             child_env.setdefault("GGML_NO_BACKTRACE", "1")
         self._proc = subprocess.Popen(
-            [python, "-m", "harness.llamacpp.worker", str(self._workdir)],
+            [python, "-m", module, str(self._workdir)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,

@@ -36,9 +36,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import traceback
 import weakref
 from collections.abc import Sequence
@@ -49,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from harness.errors import InputError, PortFailure
-from harness.llamacpp.client import _REPO_ROOT, WorkerClient
+from harness.llamacpp.client import WorkerClient
 
 MTP_EXTRA_KEYS = ("mtp_chain",)
 CHAIN_HIDDEN = ("nextn", "l_out")
@@ -76,30 +74,8 @@ class MtpWorkerClient(WorkerClient):
         site: Path | None = None,
         label: str = "llama.cpp MTP",
     ) -> None:
-        self.timeout = timeout
-        self.load_timeout = load_timeout
-        self.label = label
-        self._workdir = Path(tempfile.mkdtemp(prefix="bailing-llamacpp-mtp-"))
-        self._stderr_path = self._workdir / "worker.stderr"
-        self._stderr = self._stderr_path.open("wb")
-        child_env = dict(os.environ if env is None else env)
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            [*([str(site)] if site else []), str(_REPO_ROOT)]
-            + [p for p in [child_env.get("PYTHONPATH")] if p]
-        )
-        child_env.setdefault("PYTHONFAULTHANDLER", "1")
-        child_env.setdefault("GGML_NO_BACKTRACE", "1")
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.llamacpp.mtp", str(self._workdir)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=child_env,
-            cwd=str(self._workdir),
-        )
-        self._buf = b""
-        self.info: dict[str, Any] = {}
-        self.params = None
+        super().__init__(timeout=timeout, load_timeout=load_timeout, env=env, site=site,
+                         label=label, module="harness.llamacpp.mtp")
         self._seq = 0
 
     @property
