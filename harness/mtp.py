@@ -49,6 +49,7 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "accepted_per_pos",
     "drafts_match_reference",
     "greedy_unchanged",
+    "draft_tolerance",
     "error",
 )
 
@@ -349,10 +350,16 @@ class _OracleSession:
 
 
 def _load_torch(checkpoint_dir: Path, options: Any, label: str) -> MtpModel:
+    """Ling-2.6: our reference with its MTP head; Ling 3.0: transformers' trunk with our head."""
     from harness.backends.torch_backend import reference_options
+    from harness.backends.transformers_ling3 import checkpoint_family
     from references.model import BailingHybridReference
     from references.mtp_session import ReferenceMtpModel
 
+    if checkpoint_family(checkpoint_dir) == "ling3":
+        from references.ling3.mtp import load_ling3_mtp
+
+        return load_ling3_mtp(checkpoint_dir, options, label)
     model = BailingHybridReference.from_checkpoint(checkpoint_dir, reference_options(options))
     return ReferenceMtpModel(model, label)
 
@@ -382,11 +389,25 @@ class MtpRun:
     draft_nmse_max: float = math.nan
     draft_top1: float = math.nan
     error: str = ""
+    # The draft-logit NMSE limit this run was held to (None: not held, e.g. low precision); equal
+    # draft tokens can hide a wrong head whose logits differ by far more than rounding.
+    draft_tolerance: float | None = None
+
+    @property
+    def draft_logits_ok(self) -> bool:
+        tol = self.draft_tolerance
+        return tol is None or math.isnan(self.draft_nmse_max) or self.draft_nmse_max <= tol
 
     @property
     def ok(self) -> bool:
-        """Speculation kept the greedy output and the drafts are the reference's."""
-        return not self.error and self.greedy_unchanged and self.drafts_match_reference
+        """Speculation kept the greedy output, the drafts are the reference's and so, within
+        the tolerance, are the draft logits."""
+        return (
+            not self.error
+            and self.greedy_unchanged
+            and self.drafts_match_reference
+            and self.draft_logits_ok
+        )
 
     def row(self) -> dict[str, Any]:
         r = self.result
@@ -409,8 +430,19 @@ class MtpRun:
             "accepted_per_pos": ",".join(map(str, r.accepted_per_pos)) if r else "",
             "drafts_match_reference": self.drafts_match_reference,
             "greedy_unchanged": self.greedy_unchanged,
+            "draft_tolerance": math.nan if self.draft_tolerance is None else self.draft_tolerance,
             "error": self.error,
         }
+
+
+def default_draft_tolerance(target: Target) -> float | None:
+    """The parity NMSE tolerance of the candidate's dtype (float32: 1e-8); none below float32,
+    where only the greedy output must survive speculation."""
+    from harness.cases import DEFAULT_TOLERANCES
+
+    if target.dtype in ("float32", "float64"):
+        return DEFAULT_TOLERANCES["float32"].nmse
+    return None
 
 
 @dataclass
@@ -429,6 +461,10 @@ class MtpRunner:
     reference: Target = field(default_factory=lambda: Target.parse(REFERENCE))
     runs: list[MtpRun] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
+    # candidate -> the max draft-logit NMSE it is held to (None: only the drafts must match)
+    draft_tolerance: Callable[[Target], float | None] = field(
+        default_factory=lambda: default_draft_tolerance
+    )
     _models: dict[tuple[Target, Path], MtpModel] = field(default_factory=dict)
 
     def model(self, target: Target, checkpoint: Path) -> MtpModel:
@@ -496,7 +532,7 @@ class MtpRunner:
                 f"the reference ({spec.num_accepted_tokens}/{spec.num_draft_tokens} vs "
                 f"{ref.num_accepted_tokens}/{ref.num_draft_tokens} accepted)"
             )
-        return MtpRun(
+        run = MtpRun(
             prompt.case,
             prompt.name,
             target.label,
@@ -505,7 +541,14 @@ class MtpRunner:
             drafts_match_reference=same,
             draft_nmse_max=nmse_max,
             draft_top1=top1,
+            draft_tolerance=self.draft_tolerance(target),
         )
+        if not run.draft_logits_ok:
+            self.findings.append(
+                f"{target.label} on {prompt.case}/{prompt.name}: draft logits differ from the "
+                f"reference's (NMSE max {nmse_max:.2e} > {run.draft_tolerance:.0e})"
+            )
+        return run
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,7 +560,8 @@ def mtp_frame(runs: Sequence[MtpRun]) -> pd.DataFrame:
     df = pd.DataFrame([r.row() for r in runs], columns=[*MTP_COLUMNS, *EXTRA_COLUMNS])
     for c in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "chain", "steps"):
         df[c] = df[c].astype(np.int64)
-    for c in ("acceptance_rate", "mean_acceptance_length", "draft_nmse_max", "draft_top1"):
+    for c in ("acceptance_rate", "mean_acceptance_length", "draft_nmse_max", "draft_top1",
+              "draft_tolerance"):
         df[c] = df[c].astype(np.float64)
     for c in ("drafts_match_reference", "greedy_unchanged"):
         df[c] = df[c].astype(bool)

@@ -2,7 +2,9 @@
 slopes`` (which GLA decay formula each backend uses).
 
 mtp: exit 0 when every backend kept its greedy output under speculation and drafted exactly the
-reference's tokens (bfloat16/float16 candidates need only the former), 1 otherwise, 2 bad input.
+reference's tokens with draft logits within the float32 NMSE tolerance (bfloat16/float16
+candidates need only the former), 1 otherwise, 2 bad input.  Ling-2.6 drafts against our
+reference's MTP head; Ling 3.0 against our MTP head on transformers' trunk (transformers has none).
 slopes: exit 0 when every backend uses the corrected formula and both diagnosis paths agree.
 """
 
@@ -165,6 +167,7 @@ def run_mtp(args: argparse.Namespace) -> int:
         if r.error
         or not r.greedy_unchanged
         or not (r.drafts_match_reference or r.backend.split(",")[0].endswith(_LOW_PRECISION))
+        or not r.draft_logits_ok
     ]
     return 1 if bad or not runner.runs else 0
 
@@ -175,9 +178,9 @@ def _mtp_jobs(args: argparse.Namespace) -> list[tuple[Path, list[Any]]]:
 
     if args.checkpoint is not None:
         from harness.cli import read_prompt
-        from references.config import load_config
+        from harness.families import load_checkpoint_config
 
-        cfg = load_config(args.checkpoint)
+        _, cfg = load_checkpoint_config(args.checkpoint)
         tokens = read_prompt(args.prompt_tokens, cfg.vocab_size)
         name = args.checkpoint.resolve().name
         return [

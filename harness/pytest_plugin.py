@@ -68,6 +68,15 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     return None
 
 
+def _case_has(case, mode: str) -> bool:
+    """mtp: the case's model has an MTP layer (both families have our reference head);
+    slopes: it has GLA layers with ALiBi-style decay slopes (Ling-2.6; Ling 3.0's KDA learns its
+    decay)."""
+    if mode == "mtp":
+        return int(case.config.get("num_nextn_predict_layers") or 0) > 0
+    return case.family == "ling26"
+
+
 class CaseFile(pytest.File):
     """One case file: its prompts x candidate targets x modes."""
 
@@ -86,8 +95,8 @@ class CaseFile(pytest.File):
         for i, prompt in enumerate(case.prompts):
             for cand in candidates:
                 for mode in modes:
-                    if mode in CASE_MODES and (i > 0 or case.family != "ling26"):
-                        continue  # once per case; Ling-2.6 only (its reference has the MTP head)
+                    if mode in CASE_MODES and (i > 0 or not _case_has(case, mode)):
+                        continue  # once per case, where the model has what the mode checks
                     name = f"{prompt.name}::{cand.label}-vs-{reference.label}::{mode}"
                     yield ParityItem.from_parent(
                         self, name=name, case=case, prompt=prompt.name, candidate=cand,
@@ -173,7 +182,9 @@ class ParityItem(pytest.Item):
 
         if self.candidate.backend not in MTP_BACKENDS:
             pytest.skip(f"no MTP driver for {self.candidate.backend} in the harness yet")
-        mtp = MtpRunner(steps=MTP_STEPS, reference=self.reference)
+        tolerance = self.case.tolerance(self.candidate.dtype).nmse
+        mtp = MtpRunner(steps=MTP_STEPS, reference=self.reference,
+                        draft_tolerance=lambda target: tolerance)
         prompt = MtpPrompt(self.case.name, self.prompt, tuple(tokens))
         ref, cand = mtp.run(materialize(self.case), prompt, [self.candidate])
         runner.findings.extend(mtp.findings)
@@ -186,7 +197,9 @@ class ParityItem(pytest.Item):
                 f"{self.candidate.label} MTP on {self.case.name}/{self.prompt}: greedy output "
                 f"{'kept' if cand.greedy_unchanged else 'CHANGED'}, drafts "
                 f"{'match' if cand.drafts_match_reference else 'DIFFER from'} the reference's "
-                f"(draft NMSE max {cand.draft_nmse_max:.2e}, top-1 {cand.draft_top1:.1%})")
+                f"(draft NMSE max {cand.draft_nmse_max:.2e} "
+                f"{'<=' if cand.draft_logits_ok else '>'} {tolerance:.0e}, "
+                f"top-1 {cand.draft_top1:.1%})")
 
     def _slopes(self, runner: Runner) -> None:
         """Which GLA decay the candidate applies, read where exposed and fitted black-box."""

@@ -73,11 +73,18 @@ def read_state_dict(
             f"{checkpoint_dir}: missing tensor(s) {', '.join(missing[:5])}{more} "
             f"required by config.json"
         )
+    return read_tensors(where, {s.name: s.shape for s in specs})
+
+
+def read_tensors(
+    where: dict[str, Path], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+    """Read the named tensors (all listed in ``where``), checking shape and finiteness; every
+    problem names the file and the tensor."""
     out: dict[str, np.ndarray] = {}
     by_file: dict[Path, list[str]] = {}
-    for s in specs:
-        by_file.setdefault(where[s.name], []).append(s.name)
-    shapes = {s.name: s.shape for s in specs}
+    for name in shapes:
+        by_file.setdefault(where[name], []).append(name)
     for path, names in by_file.items():
         try:
             with safe_open(path, framework="pt") as fh:

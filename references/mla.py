@@ -63,6 +63,8 @@ class MLAWeights:
     q_a_proj: torch.Tensor | None = None  # [q_lora_rank, hidden]
     q_a_norm: torch.Tensor | None = None  # [q_lora_rank]
     q_b_proj: torch.Tensor | None = None  # [H * qk_head_dim, q_lora_rank]
+    # Ling 3.0 only: head-wise output gate, o_h *= sigmoid(g_proj_h . a) (a: the layer's input)
+    g_proj: torch.Tensor | None = None  # [H, hidden]
 
     def __post_init__(self) -> None:
         n_lora = sum(t is not None for t in (self.q_a_proj, self.q_a_norm, self.q_b_proj))
@@ -127,6 +129,8 @@ def mla_forward(
         ],
         dim=1,
     )  # [H, T, v]
+    if w.g_proj is not None:
+        o = o * torch.sigmoid(F.linear(a, w.g_proj)).transpose(0, 1)[..., None]
     return F.linear(o.transpose(0, 1).reshape(t, h * dims.v_head_dim), w.dense), latent
 
 

@@ -71,13 +71,24 @@ class Shaping:
 
     def apply(self, spec: TensorSpec, values: np.ndarray) -> np.ndarray:
         """Shape one generated tensor (float64, before the cast to float32)."""
+        return self.apply_named(spec.name, spec.mtp, values)
+
+    def apply_named(
+        self,
+        name: str,
+        mtp: bool,
+        values: np.ndarray,
+        residual_outputs: tuple[str, ...] = RESIDUAL_OUTPUTS,
+    ) -> np.ndarray:
+        """Shape the tensor ``name`` (``residual_outputs``: the name endings of the residual
+        branches' output projections in the writer's naming)."""
         scale = self.residual_scale
-        if spec.mtp and self.mtp_residual_scale is not None:
+        if mtp and self.mtp_residual_scale is not None:
             scale = self.mtp_residual_scale
-        if scale != 1.0 and spec.name.endswith(RESIDUAL_OUTPUTS):
+        if scale != 1.0 and name.endswith(residual_outputs):
             values = values * scale
-        if self.mtp_eh_identity and spec.name.endswith(".eh_proj.weight"):
-            h = spec.shape[0]  # columns [embedding | hidden]
+        if self.mtp_eh_identity and name.endswith(".eh_proj.weight"):
+            h = values.shape[0]  # columns [embedding | hidden]
             values = np.concatenate([np.eye(h), self.mtp_eh_hidden_scale * values[:, h:]], -1)
         return values
 

@@ -1,20 +1,32 @@
-"""The MTP head for the MLX backend, built from the port's own layer classes.
+"""The MTP head for the MLX backend (Ling-2.6 and Ling 3.0), built from the loaded module's layers.
 
-mlx-lm's ``bailing_hybrid.sanitize`` drops the MTP layer (``model.layers.{L}``), so the head is
-assembled here: ``enorm``/``hnorm``/``final_layernorm`` are ``nn.RMSNorm``, ``eh_proj`` an
-``nn.Linear``, and the block is the port module's own ``DecoderLayer(args, layer_idx=L)`` -- by the
-layer rule's tail clause it is MLA + MoE, built from the port's ``MultiLatentAttention`` and
-``SparseMoeBlock``.  Its tensors are read with ``mx.load`` and converted by the port's own
-``sanitize`` (experts stacked into ``switch_mlp``, ``kv_b_proj`` split into ``embed_q`` /
-``unembed_out``, ``mlp.gate.weight`` renamed ``mlp.gate.gate_proj.weight``): the MTP tensors are
-renamed to layer 0 for the call, which sanitize keeps.  The trunk runs through the port's
-``model.model`` (post-norm hidden) and its caches, so only the head is ours.
+Both families' mlx-lm modules drop the MTP layer ``model.layers.{L}`` (L = num_hidden_layers):
+Ling-2.6's ``bailing_hybrid.sanitize`` and Ling 3.0's ``bailing_moe_v3.sanitize``
+(``_is_mtp_weight``).  So the head is assembled here: ``enorm``/``hnorm``/``final_layernorm`` are
+``nn.RMSNorm``, ``eh_proj`` an ``nn.Linear``, and the block is the module's own decoder layer at
+index L -- ``DecoderLayer(args, L)`` for Ling-2.6, ``BailingDecoderLayer(args, L)`` for Ling 3.0
+(:class:`_Layout`) -- which by the layer rule's tail clause is MLA + MoE (Ling 3.0's MLA carries
+the head-wise sigmoid gate ``g_proj``, its router the expert bias, its MoE the shared experts).
+Whether there is a head is read from config.json: Ling 3.0's ModelArgs has no
+``num_nextn_predict_layers``.
+
+The tensors are read with ``mx.load`` and converted by the module's own ``sanitize`` (experts
+stacked into ``switch_mlp``, ``kv_b_proj`` split into ``embed_q``/``unembed_out``, Ling-2.6's
+``mlp.gate.weight`` renamed ``mlp.gate.gate_proj.weight``).  For that call they are renamed to the
+last trunk layer, an index sanitize keeps and converts in both families (``bailing_moe_v3`` stacks
+experts only from ``first_k_dense_replace`` on, so layer 0 would stay unstacked).  The trunk runs
+through the module's ``model.model`` (post-norm hidden) and its caches (``KVCache`` for MLA,
+``ArraysCache`` for the GLA/KDA state), so only the head is ours:
+
+    u = eh_proj [enorm(Embed(t+1)) ; hnorm(hidden_t)];  logits = lm_head(final_layernorm(block(u)))
+
+with the block at position t and its own ``KVCache``.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,29 +35,59 @@ import numpy as np
 
 from harness.backends.base import BackendOptions
 from harness.backends.mlx_backend import MlxBackend, MlxLoadedModel
+from harness.backends.mlx_ling3 import MlxLing3LoadedModel
 from harness.errors import InputError, PortFailure
 
 _HEAD_OWN = ("enorm.", "hnorm.", "eh_proj.", "final_layernorm.")
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What differs between the families' MLX modules as far as the MTP block is concerned."""
+
+    layer_class: str  # the decoder layer, constructed as ``cls(args, layer_index)``
+    is_mla: Callable[[Any], bool]  # read off the attribute the layer rule sets
+
+
+_LING26 = _Layout("DecoderLayer", lambda layer: bool(getattr(layer, "is_global", True)))
+_LING3 = _Layout("BailingDecoderLayer", lambda layer: not getattr(layer, "is_linear", False))
+
+
+def _layout(loaded: MlxLoadedModel) -> _Layout:
+    """Ling 3.0 loads as :class:`MlxLing3LoadedModel` (``bailing_moe_v3`` or a port like it)."""
+    return _LING3 if isinstance(loaded, MlxLing3LoadedModel) else _LING26
+
+
 def load_mlx_mtp(checkpoint_dir: Path, options: BackendOptions, label: str = "mlx") -> MlxMtpModel:
     """The MLX backend's model (mlx-lm or the user's port) plus an MTP head from the checkpoint."""
     loaded = MlxBackend().load(Path(checkpoint_dir), options)
-    if not isinstance(loaded, MlxLoadedModel):  # another family (Ling 3.0) loaded its own way
-        raise InputError(f"{checkpoint_dir}: the MLX MTP head is implemented for Ling-2.6 only")
     return MlxMtpModel(loaded, Path(checkpoint_dir), label)
 
 
+def _check_nextn(loaded: MlxLoadedModel, checkpoint_dir: Path) -> None:
+    """config.json must announce an MTP layer; the module's ModelArgs may not keep the key."""
+    path = checkpoint_dir / "config.json"
+    value = loaded.config.get("num_nextn_predict_layers")
+    if value is None:
+        value = getattr(loaded.model.args, "num_nextn_predict_layers", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"{path}: num_nextn_predict_layers must be an integer >= 0, got {value!r}")
+    if value == 0:
+        raise InputError(f"{path}: num_nextn_predict_layers is 0: no MTP head to load")
+
+
 def _build_head(loaded: MlxLoadedModel, checkpoint_dir: Path) -> Any:
+    """The head module, its tensors loaded strictly and cast as the trunk's were."""
     import mlx.core as mx
     import mlx.nn as nn
 
-    model = loaded.model
-    arch = sys.modules[loaded.module]
+    _check_nextn(loaded, checkpoint_dir)
+    model, layout = loaded.model, _layout(loaded)
     args = model.args
     n = int(args.num_hidden_layers)
-    if not getattr(args, "num_nextn_predict_layers", 0):
-        raise InputError(f"{checkpoint_dir}: num_nextn_predict_layers is 0: no MTP head to load")
+    layer_class = getattr(sys.modules[loaded.module], layout.layer_class, None)
+    if layer_class is None:
+        raise PortFailure(f"{loaded.module}: no {layout.layer_class} class to build the MTP block")
 
     class MtpHead(nn.Module):
         def __init__(self) -> None:
@@ -55,27 +97,52 @@ def _build_head(loaded: MlxLoadedModel, checkpoint_dir: Path) -> Any:
             self.hnorm = nn.RMSNorm(h, eps=eps)
             self.eh_proj = nn.Linear(2 * h, h, bias=False)
             self.final_layernorm = nn.RMSNorm(h, eps=eps)
-            self.block = arch.DecoderLayer(args, layer_idx=n)
+            self.block = layer_class(args, n)
 
-    head = MtpHead()
-    if not getattr(head.block, "is_global", True):
-        raise PortFailure(f"{loaded.module}: DecoderLayer(layer_idx={n}) is not MLA")
-    weights = _mtp_tensors(checkpoint_dir, n)
-    renamed = {f"model.layers.0.{k}": v for k, v in weights.items()}
+    block = f"{layout.layer_class}(args, {n})"
     try:
-        sanitized = model.sanitize(renamed)
+        head = MtpHead()
     except Exception as e:
-        raise PortFailure(f"{loaded.module}: sanitize failed on the MTP tensors: {e}") from e
+        raise PortFailure(f"{loaded.module}: {block} failed: {type(e).__name__}: {e}") from e
+    if not layout.is_mla(head.block):
+        raise PortFailure(f"{loaded.module}: {block} is not MLA")
+    weights = _head_weights(loaded, checkpoint_dir, n)
+    try:
+        head.load_weights(weights, strict=True)
+    except ValueError as e:
+        raise PortFailure(f"{loaded.module}: MTP tensors do not fit {block}: {e}") from e
+    _cast_head(head, model, getattr(mx, loaded.dtype))
+    head.eval()
+    return head
+
+
+def _head_weights(loaded: MlxLoadedModel, checkpoint_dir: Path, n: int) -> list[tuple[str, Any]]:
+    """(head parameter path, array) for the MTP layer, converted by the module's ``sanitize``
+    under the last trunk layer's name (module doc)."""
+    weights = _mtp_tensors(checkpoint_dir, n)
+    missing = [f"model.layers.{n}.{p}weight" for p in _HEAD_OWN if f"{p}weight" not in weights]
+    if missing:
+        raise InputError(f"{checkpoint_dir}: missing MTP tensor(s) {', '.join(missing)}")
+    proxy = f"model.layers.{n - 1}."
+    try:
+        sanitized = loaded.model.sanitize({proxy + k: v for k, v in weights.items()})
+    except Exception as e:
+        raise PortFailure(
+            f"{loaded.module}: sanitize failed on the MTP tensors: {type(e).__name__}: {e}"
+        ) from e
     items = []
     for key, value in sanitized.items():
-        rest = key.removeprefix("model.layers.0.")
+        rest = key.removeprefix(proxy)
         items.append((rest if rest.startswith(_HEAD_OWN) else f"block.{rest}", value))
-    try:
-        head.load_weights(items, strict=True)
-    except ValueError as e:
-        raise PortFailure(f"{loaded.module}: MTP tensors do not fit the port's layer: {e}") from e
+    return items
+
+
+def _cast_head(head: Any, model: Any, dtype: Any) -> None:
+    """Cast float parameters; below float32 keep what the module's ``cast_predicate`` protects."""
+    import mlx.core as mx
+    from mlx.utils import tree_map_with_path
+
     keep = getattr(model, "cast_predicate", None)
-    dtype = getattr(mx, loaded.dtype)
 
     def cast(path: str, x: Any) -> Any:
         if not mx.issubdtype(x.dtype, mx.floating):
@@ -84,12 +151,8 @@ def _build_head(loaded: MlxLoadedModel, checkpoint_dir: Path) -> Any:
             return x
         return x.astype(dtype)
 
-    from mlx.utils import tree_map_with_path
-
     head.update(tree_map_with_path(cast, head.parameters()))
     mx.eval(head.parameters())
-    head.eval()
-    return head
 
 
 def _mtp_tensors(checkpoint_dir: Path, layer: int) -> dict[str, Any]:
@@ -137,6 +200,27 @@ class _Snapshot:
     pending: Any
     mtp_done: int
     chain: Any
+
+
+def _save_cache(c: Any) -> Any:
+    """A trimmable cache (``KVCache``) rolls back by ``trim``, so its offset is enough; an
+    ``ArraysCache`` (GLA/KDA conv and recurrent state) gets new arrays on every step, so keeping
+    the current ones is an exact copy -- only the list and in-place-updated lengths are copied."""
+    import mlx.core as mx
+
+    if c.is_trimmable():
+        return c.offset
+    left, lengths = (None if x is None else mx.array(x) for x in (c.left_padding, c.lengths))
+    return list(c.cache), left, lengths
+
+
+def _load_cache(c: Any, saved: Any) -> None:
+    """Undo what was fed since :func:`_save_cache`."""
+    if isinstance(saved, int):
+        c.trim(c.offset - saved)
+    else:
+        cache, c.left_padding, c.lengths = saved
+        c.cache = list(cache)
 
 
 class MlxMtpSession:
@@ -218,14 +302,10 @@ class MlxMtpSession:
         return _numpy(logits)[-1]
 
     def snapshot(self) -> _Snapshot:
-        """KVCache offsets (rolled back by ``trim``) and the GLA state arrays, which mlx-lm
-        replaces rather than writes in place."""
-        trunk = tuple(
-            c.offset if hasattr(c, "offset") else (list(c.cache), c.left_padding, c.lengths)
-            for c in self._cache
-        )
+        """Trunk caches (:func:`_save_cache`), the MTP cache's offset and the session's own
+        bookkeeping (all immutable or replaced, never written in place)."""
         return _Snapshot(
-            trunk,
+            tuple(_save_cache(c) for c in self._cache),
             self._mtp_cache.offset,
             tuple(self._tokens),
             self._pending,
@@ -235,11 +315,7 @@ class MlxMtpSession:
 
     def restore(self, snap: _Snapshot) -> None:
         for c, saved in zip(self._cache, snap.trunk, strict=True):
-            if isinstance(saved, int):
-                c.trim(c.offset - saved)
-            else:
-                cache, c.left_padding, c.lengths = saved
-                c.cache = list(cache)
+            _load_cache(c, saved)
         self._mtp_cache.trim(self._mtp_cache.offset - snap.mtp_offset)
         self._tokens = list(snap.tokens)
         self._pending = snap.pending

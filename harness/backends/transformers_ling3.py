@@ -19,6 +19,7 @@ otherwise).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from collections.abc import Callable, Collection, Sequence
@@ -209,6 +210,15 @@ class TransformersLing3Session:
         self._loaded = loaded
         self._wanted = wanted
         self._cache = DynamicCache(config=loaded.model.config)
+
+    def snapshot(self) -> object:
+        """A copy of the cache (MLA latents, KDA conv and recurrent states): transformers updates
+        some of them in place, so a copy, not a reference."""
+        return copy.deepcopy(self._cache)
+
+    def restore(self, snap: object) -> None:
+        """Return to a :meth:`snapshot` (which stays valid for another restore)."""
+        self._cache = copy.deepcopy(snap)
 
     def feed(self, tokens: Sequence[int]) -> Captures:
         """Run ``tokens`` after everything fed before; captures for these tokens."""

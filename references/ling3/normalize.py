@@ -187,7 +187,8 @@ MTP_FINDING = (
     "model.layers.{L}.* as ignorable) and save_pretrained writes no MTP tensors; the writer adds "
     "the MTP layer in the upstream/llama.cpp naming (eh_proj, enorm, hnorm, final_layernorm, MLA "
     "attention.dense, per-expert MoE) in its own shard; transformers and mlx-lm (sanitize) drop "
-    "it on load, so no mtp_* point can be compared for Ling 3.0"
+    "it on load, so the MTP head that drafts is the harness's own (references/ling3/mtp.py on "
+    "transformers' trunk; in MLX, built from mlx-lm's layer classes)"
 )
 
 

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from references.ling3.config import Ling3Config, config_from_dict
+from references.ling3.mtp import mtp_tensor_shapes
 from references.ling3.normalize import normalise_config, normalise_tensors
+from references.synthetic import SHAPING_KEY, Shaping
+
+# transformers' names of the trunk's residual-branch output projections (KDA/MLA o_proj, dense
+# MLP and shared-expert down_proj, the stacked experts' down_proj)
+TRUNK_RESIDUAL_OUTPUTS = (".o_proj.weight", ".down_proj.weight", ".experts.down_proj")
 
 MTP_FILE = "model-mtp-layer.safetensors"
 
@@ -35,13 +41,17 @@ def transformers_config(config_json: dict[str, Any], cfg: Ling3Config) -> Any:
     # transformers defaults num_key_value_heads to 32, not to num_attention_heads.
     kwargs["num_key_value_heads"] = cfg.num_key_value_heads or cfg.num_attention_heads
     kwargs["layer_types"] = cfg.upstream_layer_types()  # see normalize.CONFIG_RULES["layer_types"]
+    # transformers defaults to one MTP layer and writes it into config.json even when the case
+    # has none (no tensors then): the count is the case's.
+    kwargs["num_mtp_layers"] = cfg.num_nextn_predict_layers
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # defaults lie outside tiny vocabs
         kwargs[key] = getattr(cfg, key)
     return BailingHybridConfig(**kwargs)
 
 
-def build_model(config_json: dict[str, Any], seed: int) -> Any:
-    """transformers' model with the seeded init and every norm weight and bias made non-trivial."""
+def build_model(config_json: dict[str, Any], seed: int, shaping: Shaping | None = None) -> Any:
+    """transformers' model with the seeded init and every norm weight and bias made non-trivial,
+    then shaped by ``shaping`` (None or the defaults: untouched)."""
     import torch
     from transformers import BailingHybridForCausalLM
 
@@ -58,14 +68,24 @@ def build_model(config_json: dict[str, Any], seed: int) -> Any:
                 tensor.copy_(1.0 + 0.1 * torch.randn(tensor.shape, generator=gen))
             elif name.endswith((".bias", "e_score_correction_bias")):
                 tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen))
+        if shaping is not None and shaping != Shaping():
+            for name, tensor in model.named_parameters():
+                shaped = shaping.apply_named(
+                    name, False, tensor.double().numpy(), TRUNK_RESIDUAL_OUTPUTS
+                )
+                tensor.copy_(torch.from_numpy(shaped))
     return model
 
 
 def write_synthetic_checkpoint(config_json: dict[str, Any], seed: int, out_dir: Path) -> None:
     """Write a normalised Ling 3.0 checkpoint (>= 2 shards, index, MTP shard) into ``out_dir``."""
     out_dir = Path(out_dir)
+    shaping = Shaping.from_dict(
+        config_json.get(SHAPING_KEY), f"{out_dir / 'config.json'}: {SHAPING_KEY}"
+    )
+    config_json = {k: v for k, v in config_json.items() if k != SHAPING_KEY}
     cfg = config_from_dict(config_json, out_dir / "config.json")
-    model = build_model(config_json, seed)
+    model = build_model(config_json, seed, shaping)
     total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     # Half the bytes per shard: even a tiny model exercises the index with >= 2 shards.
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=total // 2 + 1)
@@ -78,7 +98,7 @@ def write_synthetic_checkpoint(config_json: dict[str, Any], seed: int, out_dir: 
     config_path.write_text(json.dumps(normalised, indent=2, sort_keys=True))
     normalise_tensors(out_dir, cfg)
     if cfg.num_nextn_predict_layers:
-        _write_mtp_layer(out_dir, cfg, seed)
+        _write_mtp_layer(out_dir, cfg, seed, shaping)
 
 
 def _ensure_index(out_dir: Path) -> None:
@@ -94,44 +114,7 @@ def _ensure_index(out_dir: Path) -> None:
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
-def mtp_tensor_shapes(cfg: Ling3Config) -> dict[str, tuple[int, ...]]:
-    """The MTP layer (one MLA + MoE block plus the NextN glue) in the upstream/llama.cpp naming."""
-    h, n_heads, layer = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers
-    shapes: dict[str, tuple[int, ...]] = {}
-    p = f"model.layers.{layer}."
-    for norm in ("input_layernorm", "post_attention_layernorm", "enorm", "hnorm",
-                 "final_layernorm"):
-        shapes[f"{p}{norm}.weight"] = (h,)
-    shapes[f"{p}eh_proj.weight"] = (h, 2 * h)
-    a = f"{p}attention."
-    if cfg.q_lora_rank:
-        shapes[f"{a}q_a_proj.weight"] = (cfg.q_lora_rank, h)
-        shapes[f"{a}q_a_layernorm.weight"] = (cfg.q_lora_rank,)
-        shapes[f"{a}q_b_proj.weight"] = (n_heads * cfg.qk_head_dim, cfg.q_lora_rank)
-    else:
-        shapes[f"{a}q_proj.weight"] = (n_heads * cfg.qk_head_dim, h)
-    shapes[f"{a}kv_a_proj_with_mqa.weight"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h)
-    shapes[f"{a}kv_a_layernorm.weight"] = (cfg.kv_lora_rank,)
-    shapes[f"{a}kv_b_proj.weight"] = (
-        n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank
-    )
-    shapes[f"{a}g_proj.weight"] = (n_heads, h)
-    shapes[f"{a}dense.weight"] = (h, n_heads * cfg.v_head_dim)
-    m = f"{p}mlp."
-    shapes[f"{m}gate.weight"] = (cfg.num_experts, h)
-    shapes[f"{m}gate.expert_bias"] = (cfg.num_experts,)
-    inter, shared = cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.num_shared_experts
-    for e in range(cfg.num_experts):
-        shapes[f"{m}experts.{e}.gate_proj.weight"] = (inter, h)
-        shapes[f"{m}experts.{e}.up_proj.weight"] = (inter, h)
-        shapes[f"{m}experts.{e}.down_proj.weight"] = (h, inter)
-    shapes[f"{m}shared_experts.gate_proj.weight"] = (shared, h)
-    shapes[f"{m}shared_experts.up_proj.weight"] = (shared, h)
-    shapes[f"{m}shared_experts.down_proj.weight"] = (h, shared)
-    return shapes
-
-
-def _write_mtp_layer(out_dir: Path, cfg: Ling3Config, seed: int) -> None:
+def _write_mtp_layer(out_dir: Path, cfg: Ling3Config, seed: int, shaping: Shaping) -> None:
     """The MTP layer in its own shard, listed in the index (no loader here runs it)."""
     import torch
     from safetensors.torch import save_file
@@ -145,7 +128,9 @@ def _write_mtp_layer(out_dir: Path, cfg: Ling3Config, seed: int) -> None:
         elif name.endswith("expert_bias"):
             tensors[name] = 0.1 * noise
         else:
-            tensors[name] = cfg.initializer_range * noise
+            values = (cfg.initializer_range * noise).double().numpy()
+            values = shaping.apply_named(name, True, values)
+            tensors[name] = torch.from_numpy(values).float()
     save_file(tensors, str(out_dir / MTP_FILE), metadata={"format": "pt"})
     index_path = out_dir / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
