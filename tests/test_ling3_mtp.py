@@ -246,3 +246,23 @@ def test_a_checkpoint_without_mtp_layer_says_so():
     ckpt = materialize(load_case(CASES_DIR / "ling3-plain.toml"))
     with pytest.raises(InputError, match="num_nextn_predict_layers is 0"):
         load_mtp_model(REFERENCE, ckpt)
+
+
+# ---- the CLI on a Ling 3.0 directory ----
+
+
+def test_mtp_cli_on_a_ling3_checkpoint_passes_llamacpp_and_fails_a_wrong_head(agree, tmp_path):
+    """``python -m harness mtp --checkpoint DIR`` on a Ling 3.0 directory outside the case cache:
+    upstream llama.cpp passes (exit 0); a candidate whose head uses the trunk's norm fails
+    (exit 1) with a finding."""
+    require_llamacpp()
+    from harness.cli import main
+
+    ckpt = tmp_path / "ling3"
+    shutil.copytree(agree[1], ckpt)
+    argv = ["mtp", "--checkpoint", str(ckpt), "--steps", "16"]
+    assert main([*argv, "--backends", "llamacpp", "--out", str(tmp_path / "ok")]) == 0
+    wrong = "torch:variant=mtp_trunk_norm"
+    assert main([*argv, "--backends", wrong, "--out", str(tmp_path / "bad")]) == 1
+    report = (tmp_path / "bad" / "index.html").read_text()
+    assert "draft logits differ" in report or "drafts or acceptance differ" in report
