@@ -23,7 +23,7 @@ trunk's dtype.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from harness.errors import InputError
 from references.checkpoint_io import read_tensors, weight_files
 from references.ling3.config import Ling3Config, load_config
 from references.mla import MLACache, MLADims, MLAWeights, mla_forward
+from references.model import Block, MTPHead
 from references.moe import MoEWeights, RouterConfig, SwiGLUWeights, moe_forward
 from references.mtp_session import DraftingSession, truncate_mla_cache
 from references.ops import accumulation_dtype, rms_norm
@@ -80,23 +81,9 @@ def mtp_tensor_shapes(cfg: Ling3Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-@dataclass(frozen=True)
-class Ling3MtpWeights:
-    """The MTP layer's tensors, HF [out, in] layout."""
-
-    enorm: torch.Tensor
-    hnorm: torch.Tensor
-    eh_proj: torch.Tensor  # [hidden, 2*hidden], columns [embedding | hidden]
-    input_norm: torch.Tensor
-    attention: MLAWeights  # with g_proj, the head-wise gate
-    post_norm: torch.Tensor
-    moe: MoEWeights
-    final_norm: torch.Tensor
-
-
 def read_mtp_weights(
     checkpoint_dir: Path, cfg: Ling3Config, dtype: torch.dtype, device: str = "cpu"
-) -> Ling3MtpWeights:
+) -> MTPHead:
     """Read and check ``model.layers.{L}.*``; a missing or ill-shaped tensor names file and name."""
     checkpoint_dir = Path(checkpoint_dir)
     if not cfg.num_nextn_predict_layers:
@@ -128,20 +115,22 @@ def read_mtp_weights(
 
     p = f"model.layers.{cfg.num_hidden_layers}."
     m = f"{p}mlp."
-    return Ling3MtpWeights(
+    return MTPHead(  # the Ling-2.6 reference's containers: the same NextN layout
         enorm=get(f"{p}enorm.weight"),
         hnorm=get(f"{p}hnorm.weight"),
         eh_proj=get(f"{p}eh_proj.weight"),
-        input_norm=get(f"{p}input_layernorm.weight"),
-        attention=mla_weights(get, f"{p}attention.", cfg),
-        post_norm=get(f"{p}post_attention_layernorm.weight"),
-        moe=MoEWeights(
-            router=get(f"{m}gate.weight"),
-            expert_bias=get(f"{m}gate.expert_bias", acc),  # float32+ as in every loader
-            experts=tuple(swiglu(f"{m}experts.{e}") for e in range(cfg.num_experts)),
-            shared=swiglu(f"{m}shared_experts"),
-        ),
         final_norm=get(f"{p}final_layernorm.weight"),
+        block=Block(
+            input_norm=get(f"{p}input_layernorm.weight"),
+            post_norm=get(f"{p}post_attention_layernorm.weight"),
+            attention=mla_weights(get, f"{p}attention.", cfg),  # with g_proj, the head gate
+            ffn=MoEWeights(
+                router=get(f"{m}gate.weight"),
+                expert_bias=get(f"{m}gate.expert_bias", acc),  # float32+ as in every loader
+                experts=tuple(swiglu(f"{m}experts.{e}") for e in range(cfg.num_experts)),
+                shared=swiglu(f"{m}shared_experts"),
+            ),
+        ),
     )
 
 
@@ -186,7 +175,7 @@ class Ling3MtpHead:
     def __init__(
         self,
         cfg: Ling3Config,
-        weights: Ling3MtpWeights,
+        weights: MTPHead,
         *,
         embed: torch.Tensor,
         lm_head: torch.Tensor,
@@ -204,10 +193,11 @@ class Ling3MtpHead:
             norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor,
         )
+        moe = weights.block.ffn
+        assert isinstance(moe, MoEWeights) and isinstance(weights.block.attention, MLAWeights)
+        self.attention: MLAWeights = weights.block.attention
         # A port whose MTP router ignores expert_bias (the known Ling-2.6 fork's mistake).
-        self.moe = (
-            weights.moe if variant.mtp_router_bias else replace(weights.moe, expert_bias=None)
-        )
+        self.moe = moe if variant.mtp_router_bias else replace(moe, expert_bias=None)
 
     def forward(
         self,
@@ -227,11 +217,12 @@ class Ling3MtpHead:
         pair = (e, hn) if v.mtp_concat == "embed_first" else (hn, e)
         u = F.linear(torch.cat(pair, dim=-1), w.eh_proj)
         rec["mtp_eh_proj"] = u
-        attn, _ = mla_forward(rms_norm(u, w.input_norm, eps), w.attention, self.dims, cache)
+        block = w.block
+        attn, _ = mla_forward(rms_norm(u, block.input_norm, eps), self.attention, self.dims, cache)
         rec["mtp_attn_out"] = attn
         h = u + attn
         rec["mtp_ffn_inp"] = h
-        moe = moe_forward(rms_norm(h, w.post_norm, eps), self.moe, self.router)
+        moe = moe_forward(rms_norm(h, block.post_norm, eps), self.moe, self.router)
         rec["mtp_ffn_moe_topk"] = moe.routing.ids
         rec["mtp_ffn_moe_weights"] = moe.routing.weights
         rec["mtp_ffn_out"] = moe.out
