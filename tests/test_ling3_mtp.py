@@ -27,6 +27,7 @@ from harness.mtp import (
     OracleDrafts,
     load_mtp_model,
     plain_greedy,
+    replay_drafts,
     speculative_greedy,
 )
 from harness.targets import Target
@@ -266,3 +267,21 @@ def test_mtp_cli_on_a_ling3_checkpoint_passes_llamacpp_and_fails_a_wrong_head(ag
     assert main([*argv, "--backends", wrong, "--out", str(tmp_path / "bad")]) == 1
     report = (tmp_path / "bad" / "index.html").read_text()
     assert "draft logits differ" in report or "drafts or acceptance differ" in report
+
+
+def test_upstream_chains_drafts_on_the_post_norm_hidden(agree):
+    """A finding, pinned: with chained drafts upstream bailingmoe3 feeds the head its own hidden
+    *after* the MTP final_layernorm (``h_nextn``), where our reference (as vLLM) chains the block
+    output before it.  In the same contexts, every first draft equals the reference's; chained
+    ones do not."""
+    require_llamacpp()
+    case, ckpt = agree
+    tokens = _tokens(case, "random-64")
+    llama = load_mtp_model(Target.parse("llamacpp-float32"), ckpt)
+    run = speculative_greedy(llama, tokens, 24, chain=3)
+    rows = replay_drafts(load_mtp_model(REFERENCE, ckpt), run)
+    pairs = list(zip(run.steps, rows, strict=True))
+    first = [nmse(s.draft_logits[0], r[0]) for s, r in pairs if s.drafts]
+    chained = [nmse(s.draft_logits[i], r[i]) for s, r in pairs for i in range(1, len(s.drafts))]
+    assert max(first) < 1e-10
+    assert chained and min(chained) > 1e-6

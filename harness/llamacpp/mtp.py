@@ -522,7 +522,13 @@ class MtpEngine:
             ).copy()
             if self.chain == "l_out":
                 if "mtp_l_out" not in base.graph:
-                    raise WorkerError("the MTP graph names no mtp_l_out", "decode")
+                    raise WorkerError(
+                        "mtp_chain=l_out needs the MTP block output before its final norm, which "
+                        "this graph does not name (our Ling-2.6 port names it mtp_l_out; "
+                        "upstream bailingmoe3 names only h_nextn, after the norm): use "
+                        "mtp_chain=nextn",
+                        "decode",
+                    )
                 chain = base.graph["mtp_l_out"].reshape(-1, self.n_embd)[-1].copy()
             else:
                 h = self.get_nextn_ith(self.ctx_mtp, last)
