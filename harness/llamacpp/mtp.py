@@ -36,7 +36,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import sys
 import traceback
 import weakref
 from collections.abc import Sequence
@@ -591,71 +590,43 @@ class MtpEngine:
         self.base.close()
 
 
+def _handle(engine: MtpEngine, op: str, req: dict[str, Any]) -> dict[str, Any]:
+    from harness.llamacpp.worker import WorkerError
+
+    for sid in req.get("drop", ()):  # snapshots the parent has let go of
+        engine.states.pop(int(sid), None)
+    if op == "load":
+        return engine.load(req["model"], req.get("params", {}), req.get("chain", "nextn"))
+    if op == "feed":
+        return engine.feed([int(t) for t in req["tokens"]])
+    if op == "mtp":
+        keep = req.get("keep")
+        return engine.mtp(
+            [int(t) for t in req["tokens"]],
+            req["hidden"],
+            int(req["pos0"]),
+            None if keep is None else int(keep),
+        )
+    if op == "save":
+        return engine.save()
+    if op == "restore":
+        return engine.restore(int(req["id"]))
+    if op == "reset":
+        return engine.reset()
+    raise WorkerError(f"unknown op {op!r}", "protocol")
+
+
 def serve(inp: Any, out: Any, workdir: Path) -> None:
-    """Answer requests until EOF or ``{"op": "close"}``; ``drop`` in any request frees states."""
-    from harness.llamacpp.worker import WorkerError, _crash
+    """The worker protocol (:func:`harness.llamacpp.worker.serve_requests`) with the MTP ops."""
+    from harness.llamacpp.worker import serve_requests
 
-    engine: MtpEngine | None = None
-
-    def reply(obj: dict[str, Any]) -> None:
-        out.write(json.dumps(obj) + "\n")
-        out.flush()
-
-    for line in inp:
-        if not line.strip():
-            continue
-        req = json.loads(line)
-        op = req.get("op")
-        try:
-            if op == "close":
-                reply({"ok": True})
-                break
-            if op == "_crash":
-                _crash(str(req.get("how", "abort")))
-            if engine is None:
-                engine = MtpEngine(workdir)
-            for sid in req.get("drop", ()):
-                engine.states.pop(int(sid), None)
-            if op == "load":
-                result = engine.load(req["model"], req.get("params", {}), req.get("chain", "nextn"))
-            elif op == "feed":
-                result = engine.feed([int(t) for t in req["tokens"]])
-            elif op == "mtp":
-                keep = req.get("keep")
-                result = engine.mtp(
-                    [int(t) for t in req["tokens"]],
-                    req["hidden"],
-                    int(req["pos0"]),
-                    None if keep is None else int(keep),
-                )
-            elif op == "save":
-                result = engine.save()
-            elif op == "restore":
-                result = engine.restore(int(req["id"]))
-            elif op == "reset":
-                result = engine.reset()
-            else:
-                raise WorkerError(f"unknown op {op!r}", "protocol")
-            reply({"ok": True, **result})
-        except WorkerError as e:
-            reply({"ok": False, "kind": e.kind, "error": str(e)})
-        except Exception as e:
-            reply(
-                {"ok": False, "kind": "exception", "error": "".join(traceback.format_exception(e))}
-            )
-    if engine is not None:
-        engine.close()
+    serve_requests(inp, out, lambda: MtpEngine(workdir), _handle)
 
 
 def main() -> int:
-    """Entry point: protocol on a private fd, fd 1 redirected to stderr (as the worker)."""
-    workdir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd()
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    sys.stdout.flush()
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    serve(sys.stdin, proto, workdir)
-    return 0
+    from harness.llamacpp.worker import run_child
+
+    return run_child(serve)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -278,9 +278,25 @@ def _crash(how: str) -> None:
     os.abort()
 
 
-def serve(inp: Any, out: Any, workdir: Path) -> None:
-    """Answer requests until EOF or ``{"op": "close"}``."""
-    engine: Engine | None = None
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+E = TypeVar("E", bound=_Closable)
+
+
+def serve_requests(
+    inp: Any,
+    out: Any,
+    make_engine: Callable[[], E],
+    handle: Callable[[E, str, dict[str, Any]], dict[str, Any]],
+) -> None:
+    """The protocol loop every worker child shares: one JSON request per line, one JSON reply per
+    request, until EOF or ``{"op": "close"}``.  ``_sleep`` and ``_crash`` are test hooks (a hang,
+    an abort or a segfault, as a broken port does); the engine is made on the first real request
+    and ``handle(engine, op, request)`` answers it.  A WorkerError or any other exception becomes
+    an error reply: the child survives, the parent decides what it means."""
+    engine: E | None = None
 
     def reply(obj: dict[str, Any]) -> None:
         out.write(json.dumps(obj) + "\n")
@@ -302,19 +318,11 @@ def serve(inp: Any, out: Any, workdir: Path) -> None:
             if op == "_crash":
                 _crash(str(req.get("how", "abort")))
             if engine is None:
-                engine = Engine(workdir)
-            if op == "load":
-                result = engine.load(req["model"], req.get("params", {}))
-            elif op == "feed":
-                result = engine.feed(req["tokens"], req.get("wanted", []))
-            elif op == "reset":
-                result = engine.reset()
-            else:
-                raise WorkerError(f"unknown op {op!r}", "protocol")
-            reply({"ok": True, **result})
+                engine = make_engine()
+            reply({"ok": True, **handle(engine, str(op), req)})
         except WorkerError as e:
             reply({"ok": False, "kind": e.kind, "error": str(e)})
-        except Exception as e:  # the worker survives; the parent decides what it means
+        except Exception as e:
             reply(
                 {"ok": False, "kind": "exception", "error": "".join(traceback.format_exception(e))}
             )
@@ -322,15 +330,35 @@ def serve(inp: Any, out: Any, workdir: Path) -> None:
         engine.close()
 
 
-def main() -> int:
-    """Entry point: protocol on a private fd, fd 1 redirected to stderr."""
+def _handle(engine: Engine, op: str, req: dict[str, Any]) -> dict[str, Any]:
+    if op == "load":
+        return engine.load(req["model"], req.get("params", {}))
+    if op == "feed":
+        return engine.feed(req["tokens"], req.get("wanted", []))
+    if op == "reset":
+        return engine.reset()
+    raise WorkerError(f"unknown op {op!r}", "protocol")
+
+
+def serve(inp: Any, out: Any, workdir: Path) -> None:
+    """Answer capture requests (load, feed, reset) until EOF or close."""
+    serve_requests(inp, out, lambda: Engine(workdir), _handle)
+
+
+def run_child(serve_fn: Callable[[Any, Any, Path], None]) -> int:
+    """A child's entry point: the protocol on a private copy of fd 1, and fd 1 itself redirected
+    to stderr, so whatever llama.cpp or Python prints cannot corrupt the protocol."""
     workdir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd()
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     sys.stdout.flush()
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    serve(sys.stdin, proto, workdir)
+    serve_fn(sys.stdin, proto, workdir)
     return 0
+
+
+def main() -> int:
+    return run_child(serve)
 
 
 if __name__ == "__main__":
