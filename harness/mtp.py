@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from markupsafe import escape
 
-from harness.compare import nmse
+from harness.compare import Tolerance, compare_captures, first_divergence, nmse
 from harness.errors import InputError, PortFailure
 from harness.report import Section
 from harness.targets import REFERENCE, Target
@@ -50,6 +50,7 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "drafts_match_reference",
     "greedy_unchanged",
     "draft_tolerance",
+    "mtp_first_divergence",
     "error",
 )
 
@@ -102,7 +103,12 @@ class MtpSession(Protocol):
 
 @runtime_checkable
 class MtpModel(Protocol):
-    """A checkpoint loaded with its MTP head."""
+    """A checkpoint loaded with its MTP head.
+
+    Optionally also ``capture(tokens) -> {point: array}``: the prompt teacher-forced through the
+    trunk and the head, the canonical mtp_* points it can name (rows 0..T-2) plus
+    ``result_output``; :func:`first_mtp_divergence` uses it to say where a head goes wrong.
+    """
 
     label: str
     vocab_size: int
@@ -392,6 +398,9 @@ class MtpRun:
     # The draft-logit NMSE limit this run was held to (None: not held, e.g. low precision); equal
     # draft tokens can hide a wrong head whose logits differ by far more than rounding.
     draft_tolerance: float | None = None
+    # Teacher-forced mtp_* points against the reference's: the first beyond the tolerance,
+    # "none" when all are within it, "" when the backend cannot capture its head's points.
+    mtp_first_divergence: str = ""
 
     @property
     def draft_logits_ok(self) -> bool:
@@ -407,6 +416,7 @@ class MtpRun:
             and self.greedy_unchanged
             and self.drafts_match_reference
             and self.draft_logits_ok
+            and self.mtp_first_divergence in ("", "none")
         )
 
     def row(self) -> dict[str, Any]:
@@ -431,6 +441,7 @@ class MtpRun:
             "drafts_match_reference": self.drafts_match_reference,
             "greedy_unchanged": self.greedy_unchanged,
             "draft_tolerance": math.nan if self.draft_tolerance is None else self.draft_tolerance,
+            "mtp_first_divergence": self.mtp_first_divergence,
             "error": self.error,
         }
 
@@ -548,7 +559,40 @@ class MtpRunner:
                 f"{target.label} on {prompt.case}/{prompt.name}: draft logits differ from the "
                 f"reference's (NMSE max {nmse_max:.2e} > {run.draft_tolerance:.0e})"
             )
+        run.mtp_first_divergence = self._first_divergence(model, ref_model, prompt, target)
+        if run.mtp_first_divergence not in ("", "none"):
+            self.findings.append(
+                f"{target.label} on {prompt.case}/{prompt.name}: the MTP head first differs from "
+                f"the reference's at {run.mtp_first_divergence} (teacher-forced on the prompt)"
+            )
         return run
+
+    def _first_divergence(
+        self, model: MtpModel, ref_model: MtpModel, prompt: MtpPrompt, target: Target
+    ) -> str:
+        tol = self.draft_tolerance(target)
+        if tol is None:
+            return ""
+        try:
+            return first_mtp_divergence(model, ref_model, prompt.tokens, tol)
+        except (InputError, PortFailure) as e:
+            self.findings.append(f"{target.label} MTP capture on {prompt.case}/{prompt.name}: {e}")
+            return ""
+
+
+def first_mtp_divergence(
+    model: MtpModel, reference: MtpModel, tokens: Sequence[int], nmse_tolerance: float
+) -> str:
+    """Where ``model``'s head first leaves the reference's, point by point, with ``tokens``
+    teacher-forced through both: the first mtp_* (or trunk) point beyond the tolerance among
+    those the candidate names, "none" when every one is within it, "" when either side cannot
+    capture (no ``capture`` method)."""
+    capture = getattr(model, "capture", None)
+    ref_capture = getattr(reference, "capture", None)
+    if capture is None or ref_capture is None or len(tokens) < 2:
+        return ""
+    df = compare_captures(capture(tokens), ref_capture(tokens), Tolerance(nmse=nmse_tolerance))
+    return first_divergence(df) or "none"
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,7 +609,7 @@ def mtp_frame(runs: Sequence[MtpRun]) -> pd.DataFrame:
         df[c] = df[c].astype(np.float64)
     for c in ("drafts_match_reference", "greedy_unchanged"):
         df[c] = df[c].astype(bool)
-    for c in ("case", "prompt", "backend", "accepted_per_pos", "error"):
+    for c in ("case", "prompt", "backend", "accepted_per_pos", "mtp_first_divergence", "error"):
         df[c] = df[c].astype(str)
     return df
 
@@ -596,7 +640,7 @@ def mtp_section(runs: Sequence[MtpRun]) -> Section:
         "<tr><th>case</th><th>prompt</th><th>backend</th><th>drafts</th><th>draft tokens</th>"
         "<th>accepted</th><th>acceptance rate</th><th>mean acc. length</th><th>acc. per pos</th>"
         "<th>draft NMSE max</th><th>draft top-1</th><th>same drafts as ref</th>"
-        "<th>greedy unchanged</th></tr>"
+        "<th>first MTP divergence</th><th>greedy unchanged</th></tr>"
     )
     body = []
     for run in runs:
@@ -606,7 +650,7 @@ def mtp_section(runs: Sequence[MtpRun]) -> Section:
             body.append(
                 '<tr class="fail">'
                 + "".join(f"<td>{escape(c)}</td>" for c in cells)
-                + f'<td colspan="10">{escape(run.error)}</td></tr>'
+                + f'<td colspan="11">{escape(run.error)}</td></tr>'
             )
             continue
         per_pos = ", ".join(_fmt(p, ".2f") for p in r.acceptance_per_pos)
@@ -623,6 +667,7 @@ def mtp_section(runs: Sequence[MtpRun]) -> Section:
             _fmt(run.draft_nmse_max, ".1e"),
             _fmt(run.draft_top1, ".3f"),
             _verdict(run.drafts_match_reference),
+            _divergence(run.mtp_first_divergence),
             _verdict(run.greedy_unchanged),
         ]
         css = "pass" if run.ok else "fail"
@@ -632,10 +677,20 @@ def mtp_section(runs: Sequence[MtpRun]) -> Section:
         "Acceptance rate = accepted/drafted; mean acceptance length = 1 + accepted/num_drafts; "
         "per-position acceptance = accepted at draft position i / num_drafts. Draft NMSE and "
         "top-1 compare each backend's draft logits with the float64 reference's in the same "
-        "contexts.</p>"
+        "contexts. First MTP divergence: the prompt teacher-forced through both heads, the first "
+        "mtp_* point (among those the backend names) beyond the NMSE tolerance; – where the "
+        "backend cannot capture its head.</p>"
     )
     html = f'{note}<table class="mtp">{head}{"".join(body)}</table>'
     return Section("MTP speculative decoding", html)
+
+
+def _divergence(point: str) -> str:
+    if not point:
+        return "–"
+    if point == "none":
+        return '<span class="verdict-pass">none</span>'
+    return f'<span class="verdict-fail">{escape(point)}</span>'
 
 
 def _verdict(ok: bool) -> str:

@@ -199,7 +199,8 @@ class ParityItem(pytest.Item):
                 f"{'match' if cand.drafts_match_reference else 'DIFFER from'} the reference's "
                 f"(draft NMSE max {cand.draft_nmse_max:.2e} "
                 f"{'<=' if cand.draft_logits_ok else '>'} {tolerance:.0e}, "
-                f"top-1 {cand.draft_top1:.1%})")
+                f"top-1 {cand.draft_top1:.1%}), first MTP divergence "
+                f"{cand.mtp_first_divergence or 'not captured'}")
 
     def _slopes(self, runner: Runner) -> None:
         """Which GLA decay the candidate applies, read where exposed and fitted black-box."""

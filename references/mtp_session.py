@@ -177,6 +177,13 @@ class ReferenceMtpModel:
     def start(self) -> ReferenceMtpSession:
         return ReferenceMtpSession(self.model)
 
+    def capture(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
+        """Teacher forcing: every mtp_* point for positions 0..T-2 and the trunk's logits."""
+        from harness.capture_points import MTP_POINTS
+
+        names = [p.stem for p in MTP_POINTS]
+        return self.model.start([*names, "result_output"]).feed(list(tokens))
+
 
 class ReferenceMtpSession(DraftingSession):
     """Ling-2.6: the reference's trunk caches, its MTP layer's MLA cache, its variant knobs."""

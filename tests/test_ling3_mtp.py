@@ -204,6 +204,7 @@ def test_upstream_llamacpp_mtp_equals_our_reference_head(llama_runs):
         "random-64"
     ]
     assert cand.draft_nmse_max < 1e-10 and cand.draft_top1 == 1.0
+    assert cand.mtp_first_divergence == "none"
 
 
 @pytest.mark.parametrize("mutation", sorted(EXPECTED))

@@ -191,6 +191,23 @@ class MlxMtpModel:
     def start(self) -> MlxMtpSession:
         return MlxMtpSession(self)
 
+    def capture(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
+        """Teacher forcing: the trunk on ``tokens``, the head on positions 0..T-2; the glue's
+        mtp_* points and the trunk's ``result_output``."""
+        import mlx.core as mx
+
+        tokens = [int(t) for t in tokens]
+        if len(tokens) < 2:
+            raise InputError("MTP capture needs at least two tokens")
+        session = self.start()
+        logits = session.feed(tokens)
+        record: dict[str, Any] = {}
+        with mx.stream(self._stream):
+            session._head(session._pending[:, :-1], tokens[1:], record)
+        out = {name: _numpy(value) for name, value in record.items()}
+        out["result_output"] = logits
+        return out
+
 
 @dataclass(frozen=True)
 class _Snapshot:
@@ -261,17 +278,26 @@ class MlxMtpSession:
         self._pending = pending
         return _numpy(logits)
 
-    def _head(self, hidden: Any, ids: list[int]) -> tuple[Any, Any]:
+    def _head(
+        self, hidden: Any, ids: list[int], record: dict[str, Any] | None = None
+    ) -> tuple[Any, Any]:
+        """The head on ``hidden`` [1, n, h] with next tokens ``ids``; ``record`` collects the
+        mtp_* points the glue exposes (the block is the module's own, so not its insides)."""
         import mlx.core as mx
         from mlx_lm.models.base import create_attention_mask
 
         head, model = self._o.head, self._model
+        rec = record if record is not None else {}
         e = head.enorm(model.model.word_embeddings(mx.array([ids])))
-        u = head.eh_proj(mx.concatenate([e, head.hnorm(hidden)], axis=-1))
+        hn = head.hnorm(hidden)
+        u = head.eh_proj(mx.concatenate([e, hn], axis=-1))
         mask = create_attention_mask(u, self._mtp_cache, return_array=True)
         y = head.block(u, mask, self._mtp_cache)
-        logits = self._logits(head.final_layernorm(y))
-        mx.eval(y, logits, self._mtp_cache.state)
+        normed = head.final_layernorm(y)
+        logits = self._logits(normed)
+        rec.update(mtp_enorm=e, mtp_hnorm=hn, mtp_eh_proj=u, mtp_l_out=y,
+                   mtp_result_norm=normed, mtp_result_output=logits)
+        mx.eval(y, logits, self._mtp_cache.state, *rec.values())
         return y, logits
 
     def draft(self, next_token: int) -> np.ndarray:

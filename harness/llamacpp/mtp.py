@@ -4,8 +4,8 @@
 (:mod:`harness.backends.llamacpp_backend`), then starts ``python -m harness.llamacpp.mtp`` with two
 contexts on one model: the trunk (``embeddings_nextn`` on: the post-norm hidden h_t of every
 position) and the MTP head (``ctx_type = LLAMA_CONTEXT_TYPE_MTP``, ``ctx_other`` = trunk).  The
-child is driven the way upstream's ``draft-mtp`` (``common/speculative.cpp``) drives them, and
-the way :mod:`ports.llamacpp.mtp_worker` does for the per-point parity test:
+child is driven the way upstream's ``draft-mtp`` (``common/speculative.cpp``) drives them (also
+by :meth:`LlamaCppMtpModel.capture_calls`, which captures the mtp_* points per MTP batch):
 
 - MTP entry t is token x_{t+1} with h_t attached (``llama_batch_ext_set_embd_token``), placed at
   the token's position t+1 (a uniform shift; RoPE scores are unchanged);
@@ -220,6 +220,52 @@ class LlamaCppMtpModel:
 
     def describe(self) -> dict[str, Any]:
         return {"gguf": str(self.gguf), "mtp_chain": self.chain_hidden, **self.info}
+
+    def capture(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
+        """Teacher forcing: the trunk on ``tokens``, then the MTP entries of positions 0..T-2 in
+        one batch; the canonical mtp_* points this port's graph names (its name map's ``mtp``
+        table), ``mtp_result_output`` and the trunk's ``result_output``."""
+        return self.capture_calls(tokens)[0]
+
+    def capture_calls(
+        self, prompt: Sequence[int], decode: Sequence[int] = ()
+    ) -> list[dict[str, np.ndarray]]:
+        """As serving runs the head: one MTP batch for the prompt's positions 0..T-2 (with the
+        trunk's ``result_output``), then per ``decode`` token one entry for the position it
+        completes, the trunk fed that token after it.  Canonical captures per MTP call; starts
+        a new session and leaves a fresh one."""
+        from harness.llamacpp.names import mtp_to_canonical, mtp_wanted, port_for_arch
+
+        prompt = [int(t) for t in prompt]
+        if len(prompt) < 2:
+            raise InputError("MTP capture needs a prompt of at least two tokens")
+        try:
+            port = port_for_arch(str(self.info["arch"]))
+        except KeyError as e:
+            raise InputError(str(e)) from None
+        layer = int(self.info["n_layer"])
+        wanted = sorted(mtp_wanted(port, layer))
+        session = self.start()
+
+        def call(tokens: list[int], hidden: np.ndarray, pos0: int) -> dict[str, np.ndarray]:
+            path = self.client.input_file(hidden=np.ascontiguousarray(hidden, dtype=np.float32))
+            req = {"op": "mtp", "tokens": tokens, "hidden": path, "pos0": pos0, "keep": None,
+                   "wanted": wanted, "all_rows": True}
+            out = _read_npz(self.request(req, f"MTP capture at position {pos0 - 1}")["npz"])
+            raw = {k.removeprefix("cap__"): v for k, v in out.items() if k.startswith("cap__")}
+            caps = mtp_to_canonical(port, raw, layer, len(tokens))
+            caps["mtp_result_output"] = out["logits"].astype(np.float64)
+            return caps
+
+        trunk_logits = session.feed(prompt)
+        assert session._pending is not None
+        calls = [call(prompt[1:], session._pending[:-1], 1)]  # entry t at token position t+1
+        calls[0]["result_output"] = trunk_logits
+        for i, tok in enumerate(int(t) for t in decode):
+            calls.append(call([tok], session._pending[-1:], len(prompt) + i))
+            session.feed([tok])
+        self.start()  # the capture's positions are not a speculative session's
+        return calls
 
     def close(self) -> None:
         self.client.close()
@@ -476,9 +522,18 @@ class MtpEngine:
         return {**self._out(logits=logits, hidden=hidden), "n_past": base.n_past}
 
     def mtp(
-        self, tokens: list[int], hidden_path: str, pos0: int, keep: int | None
+        self,
+        tokens: list[int],
+        hidden_path: str,
+        pos0: int,
+        keep: int | None,
+        wanted: Sequence[str] = (),
+        all_rows: bool = False,
     ) -> dict[str, Any]:
-        """MTP entries (token, hidden) from position pos0; logits + chain hidden of the last."""
+        """MTP entries (token, hidden) from position pos0; logits + chain hidden of the last.
+
+        ``wanted``: callback names to capture (returned as ``cap__<name>``, rows of every chunk
+        concatenated); ``all_rows``: logits of every entry, not only the last."""
         from harness.llamacpp.worker import WorkerError
 
         ll, base = self.ll, self.base
@@ -488,11 +543,16 @@ class MtpEngine:
         Path(hidden_path).unlink(missing_ok=True)
         if rows.shape != (len(tokens), self.n_embd) or not tokens:
             raise WorkerError(f"MTP rows {rows.shape} for {len(tokens)} token(s)", "input")
+        if wanted and not all_rows:
+            raise WorkerError("MTP captures need all_rows (every entry's row is captured)", "input")
         mem = ll.llama_get_memory(self.ctx_mtp)
         if keep is not None and not ll.llama_memory_seq_rm(mem, 0, keep, -1):
             raise WorkerError(f"MTP cache: llama_memory_seq_rm(0, {keep}, -1) refused", "decode")
-        base.wanted = frozenset({"mtp_l_out"} if self.chain == "l_out" else ())
+        base.wanted = frozenset({*wanted, *(("mtp_l_out",) if self.chain == "l_out" else ())})
+        base.graph_names = {}
         logits = chain = None
+        logit_rows: list[np.ndarray] = []
+        captured: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(tokens), base.n_ubatch):
             part = tokens[start : start + base.n_ubatch]
             base.graph, base.cb_error = {}, None
@@ -509,6 +569,8 @@ class MtpEngine:
                     ):
                         raise WorkerError("llama_batch_ext_set_embd_token refused", "decode")
                     last = idx
+                    if all_rows:
+                        ll.llama_batch_ext_set_output_logits(batch, idx, True)
                 ll.llama_batch_ext_set_output_logits(batch, last, True)
                 rc = ll.llama_process(self.ctx_mtp, ll.LLAMA_PROCESS_TYPE_DECODE, batch)
             finally:
@@ -519,6 +581,16 @@ class MtpEngine:
             logits = np.ctypeslib.as_array(
                 ll.llama_get_logits_ith(self.ctx_mtp, last), shape=(base.n_vocab,)
             ).copy()
+            if all_rows:
+                logit_rows += [
+                    np.ctypeslib.as_array(
+                        ll.llama_get_logits_ith(self.ctx_mtp, i), shape=(base.n_vocab,)
+                    ).copy()
+                    for i in range(len(part))
+                ]
+            for name in wanted:  # token axis outermost: rows of this chunk, then stacked
+                if name in base.graph:
+                    captured.setdefault(name, []).append(base.graph[name].reshape(len(part), -1))
             if self.chain == "l_out":
                 if "mtp_l_out" not in base.graph:
                     raise WorkerError(
@@ -535,7 +607,13 @@ class MtpEngine:
                     raise WorkerError("no nextn hidden for the MTP row", "decode")
                 chain = np.ctypeslib.as_array(h, shape=(self.n_embd,)).copy()
         assert logits is not None and chain is not None
-        return self._out(logits=logits, chain=chain)
+        caps = {f"cap__{n}": np.concatenate(parts, axis=0) for n, parts in captured.items()}
+        if all_rows:
+            logits = np.stack(logit_rows)
+        return {
+            **self._out(logits=logits, chain=chain, **caps),
+            "graph_names": list(base.graph_names),
+        }
 
     def save(self) -> dict[str, Any]:
         """Copy the trunk sequence (MLA cells + GLA states) into a buffer kept here."""
@@ -606,6 +684,8 @@ def _handle(engine: MtpEngine, op: str, req: dict[str, Any]) -> dict[str, Any]:
             req["hidden"],
             int(req["pos0"]),
             None if keep is None else int(keep),
+            [str(n) for n in req.get("wanted", ())],
+            bool(req.get("all_rows", False)),
         )
     if op == "save":
         return engine.save()

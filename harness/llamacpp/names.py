@@ -38,8 +38,11 @@ gather), ``result_norm`` and ``result_output``.  NOT named upstream (so not capt
 a patch): ``ffn_inp`` (the post-attention residual), ``ffn_norm`` output, ``ffn_down`` (only
 named when the FFN has a bias), hence neither ``ffn_shexp`` nor ``ffn_out``; ``kv_cmpr`` (the
 normalised KV latent).  ``gla_out``/``g_gate`` are Ling-2.6-only and upstream has no Ling-2.6.
-The MTP graph (a separate ``LLAMA_CONTEXT_TYPE_MTP`` context, not driven by the worker yet)
-names ``mtp_eh_proj-{n_layer}``, ``h_nextn`` and ``result_output``.
+The MTP graph (a separate ``LLAMA_CONTEXT_TYPE_MTP`` context, driven by
+:mod:`harness.llamacpp.mtp`) names ``mtp_eh_proj-{L}`` (L = n_layer, the MTP block), the MLA and
+router internals with ``-{L}`` as above, and ``h_nextn`` (the MTP final_layernorm output, the
+hidden it hands back for chaining); not the enorm/hnorm outputs, the attention output, the
+residuals or the block output.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class PortNames:
     )
     missing: tuple[str, ...] = ()  # canonical stems this port cannot produce, for reports
     note: str = ""
+    # MTP context: canonical mtp_* stem -> llama.cpp names, "{L}" = the MTP block's index
+    mtp: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 PORTS: dict[str, PortNames] = {
@@ -88,6 +93,16 @@ PORTS: dict[str, PortNames] = {
         },
         missing=("kv_cmpr", "gla_out", "g_gate", "ffn_inp", "ffn_norm", "ffn_shexp", "ffn_out"),
         note="upstream llama.cpp 0c1e57098; unnamed nodes need a patch to be captured",
+        mtp={
+            "mtp_eh_proj": ("mtp_eh_proj-{L}",),
+            "mtp_ffn_moe_topk": ("ffn_moe_topk-{L}",),
+            "mtp_ffn_moe_weights": (
+                "ffn_moe_weights_scaled-{L}",
+                "ffn_moe_weights_norm-{L}",
+                "ffn_moe_weights-{L}",
+            ),
+            "mtp_result_norm": ("h_nextn",),
+        },
     ),
     # llama.cpp's own llama graph: used by the worker's tests, and a sanity anchor.
     "llama": PortNames(
@@ -186,3 +201,33 @@ def to_canonical(
         elif name in rows:
             out[name] = rows[name]
     return out
+
+
+def mtp_wanted(port: PortNames, mtp_layer: int) -> set[str]:
+    """The llama.cpp names the MTP context's callback must keep for every mapped mtp_* point."""
+    return {n.replace("{L}", str(mtp_layer)) for cands in port.mtp.values() for n in cands}
+
+
+def mtp_to_canonical(
+    port: PortNames, raw: Mapping[str, np.ndarray], mtp_layer: int, n_rows: int
+) -> Captures:
+    """Canonical mtp_* rows of one MTP batch (router ids sorted, weights aligned to them);
+    points the port does not name are left out."""
+    rows: Captures = {}
+    for canonical, candidates in port.mtp.items():
+        names = [c.replace("{L}", str(mtp_layer)) for c in candidates]
+        src = next((n for n in names if n in raw), None)
+        if src is not None:
+            kind = parse(canonical)[0].kind
+            rows[canonical] = (
+                raw[src].reshape(n_rows, -1).astype(np.int64 if kind is Kind.INDEX else np.float64)
+            )
+    ids = rows.get("mtp_ffn_moe_topk")
+    if ids is not None:
+        order = np.argsort(ids, axis=1, kind="stable")
+        rows["mtp_ffn_moe_topk"] = np.take_along_axis(ids, order, axis=1)
+        if "mtp_ffn_moe_weights" in rows:
+            rows["mtp_ffn_moe_weights"] = np.take_along_axis(rows["mtp_ffn_moe_weights"], order, 1)
+    else:
+        rows.pop("mtp_ffn_moe_weights", None)  # meaningless without the ids that order them
+    return rows

@@ -167,24 +167,6 @@ class MTPResult:
     seconds: float = 0.0
 
 
-def _mtp_rows(raw: dict[str, np.ndarray], n_layers: int, n_rows: int) -> dict[str, np.ndarray]:
-    """Canonical MTP captures of one MTP call, router ids sorted with weights aligned."""
-    rows: dict[str, np.ndarray] = {}
-    for canonical, candidates in port.MTP_NAMES.items():
-        for cand in candidates:
-            name = cand.replace("{L}", str(n_layers))
-            if name in raw:
-                rows[canonical] = raw[name].reshape(n_rows, -1)
-                break
-    ids = rows.get("mtp_ffn_moe_topk")
-    if ids is not None:
-        order = np.argsort(ids, axis=1, kind="stable")
-        rows["mtp_ffn_moe_topk"] = np.take_along_axis(ids, order, axis=1)
-        if "mtp_ffn_moe_weights" in rows:
-            rows["mtp_ffn_moe_weights"] = np.take_along_axis(rows["mtp_ffn_moe_weights"], order, 1)
-    return rows
-
-
 def run_mtp_case(
     case_name: str,
     *,
@@ -193,11 +175,10 @@ def run_mtp_case(
     decode_steps: int = 4,
     timeout: float = 900,
 ) -> MTPResult:
-    """The MTP head (reference math of doc section 3.1) through our port's MTP context."""
-    import os
-    import subprocess
-    import tempfile
-
+    """The MTP head (reference math of doc section 3.1) through our port's MTP context, driven
+    as serving drives it (:meth:`harness.llamacpp.mtp.LlamaCppMtpModel.capture_calls`)."""
+    from harness.backends.base import BackendOptions
+    from harness.llamacpp.mtp import load_llamacpp_mtp
     from references.model import BailingHybridReference
 
     case = load_case(CASES_DIR / f"{case_name}.toml")
@@ -217,48 +198,22 @@ def run_mtp_case(
         ref_calls.append(session.feed([tokens[-1]]))
         last = ref_calls[-1]["result_output"][-1]
 
-    wanted = sorted(
-        {c.replace("{L}", str(ref.n_layers)) for cands in port.MTP_NAMES.values() for c in cands}
-    )
     result = MTPResult(case_name, len(prompt), decode_steps)
-    with tempfile.TemporaryDirectory(prefix="bailing-mtp-") as tmp:
-        req = {
-            "model": str(gguf),
-            "prompt": prompt,
-            "decode": tokens,
-            "wanted": wanted,
-            "n_ctx": len(prompt) + decode_steps + 8,
-            "out": str(Path(tmp) / "out.npz"),
-        }
-        (Path(tmp) / "req.json").write_text(json.dumps(req))
-        repo = Path(__file__).resolve().parents[2]
-        env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join([str(site), str(repo)]), GGML_NO_BACKTRACE="1"
-        )
-        t0 = time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, "-m", "ports.llamacpp.mtp_worker", str(Path(tmp) / "req.json")],
-            env=env,
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        result.seconds = time.monotonic() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"MTP worker failed ({proc.returncode}):\n"
-                + "\n".join(proc.stderr.splitlines()[-30:])
-            )
-        with np.load(req["out"]) as npz:
-            got = {k: npz[k] for k in npz.files}
+    n_ctx = max(64, len(prompt) + decode_steps + 8)
+    options = BackendOptions(
+        extra={"gguf": str(gguf), "site": str(site), "n_ctx": str(n_ctx), "timeout": str(timeout)}
+    )
+    t0 = time.monotonic()
+    model = load_llamacpp_mtp(checkpoint, options)
+    try:
+        calls = model.capture_calls(prompt, tokens)
+    finally:
+        model.close()
+    result.seconds = time.monotonic() - t0
 
     agree = total = 0
-    for k, ref_caps in enumerate(ref_calls):
-        logits = got[f"logits_{k}"]
-        raw = {key.rsplit("__", 1)[0]: v for key, v in got.items() if key.endswith(f"__{k}")}
-        cand = _mtp_rows(raw, ref.n_layers, logits.shape[0])
-        cand["mtp_result_output"] = logits
+    for ref_caps, cand in zip(ref_calls, calls, strict=True):
+        logits = cand["mtp_result_output"]
         for name in mtp_points:
             if name not in ref_caps:
                 continue

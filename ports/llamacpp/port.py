@@ -31,6 +31,26 @@ PATCH_DIR = Path(__file__).resolve().parent / "patches"
 ARCH = "bailing_hybrid"
 PORT_NAME = "ours-bailing_hybrid"
 
+# The MTP head runs in its own LLAMA_CONTEXT_TYPE_MTP context; {L} is the MTP block index
+# (= num_hidden_layers).  Router internals keep build_moe_ffn's "<name>-{L}" names.
+MTP_NAMES: dict[str, tuple[str, ...]] = {
+    "mtp_enorm": ("mtp_enorm",),
+    "mtp_hnorm": ("mtp_hnorm",),
+    "mtp_eh_proj": ("mtp_eh_proj",),
+    "mtp_attn_out": ("mtp_attn_out",),
+    "mtp_ffn_inp": ("mtp_ffn_inp",),
+    "mtp_ffn_moe_topk": ("ffn_moe_topk-{L}",),
+    "mtp_ffn_moe_weights": (
+        "ffn_moe_weights_scaled-{L}",
+        "ffn_moe_weights_norm-{L}",
+        "ffn_moe_weights-{L}",
+    ),
+    "mtp_ffn_out": ("mtp_ffn_out",),
+    "mtp_l_out": ("mtp_l_out",),
+    "mtp_result_norm": ("mtp_result_norm",),
+    "mtp_result_output": ("result_output",),
+}
+
 # Every canonical per-layer point is named by the patched graph (src/models/bailing-hybrid.cpp);
 # kv_cmpr exists on MLA layers only, gla_out / g_gate on GLA layers only, the ffn_moe_* points and
 # ffn_shexp on MoE layers only.
@@ -56,27 +76,8 @@ NAMES = PortNames(
         "l_out": ("l_out",),
     },
     note="our Ling-2.6 port (ports/llamacpp/patches) on llama.cpp 0c1e57098",
+    mtp=MTP_NAMES,
 )
-
-# The MTP head runs in its own LLAMA_CONTEXT_TYPE_MTP context; {L} is the MTP block index
-# (= num_hidden_layers).  Router internals keep build_moe_ffn's "<name>-{L}" names.
-MTP_NAMES: dict[str, tuple[str, ...]] = {
-    "mtp_enorm": ("mtp_enorm",),
-    "mtp_hnorm": ("mtp_hnorm",),
-    "mtp_eh_proj": ("mtp_eh_proj",),
-    "mtp_attn_out": ("mtp_attn_out",),
-    "mtp_ffn_inp": ("mtp_ffn_inp",),
-    "mtp_ffn_moe_topk": ("ffn_moe_topk-{L}",),
-    "mtp_ffn_moe_weights": (
-        "ffn_moe_weights_scaled-{L}",
-        "ffn_moe_weights_norm-{L}",
-        "ffn_moe_weights-{L}",
-    ),
-    "mtp_ffn_out": ("mtp_ffn_out",),
-    "mtp_l_out": ("mtp_l_out",),
-    "mtp_result_norm": ("mtp_result_norm",),
-    "mtp_result_output": ("result_output",),
-}
 
 # What converter_tree copies out of the vendored tree (the C++ sources are not needed to convert).
 _PY_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
