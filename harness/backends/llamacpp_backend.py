@@ -135,6 +135,55 @@ def parse_options(options: BackendOptions) -> Settings:
     )
 
 
+@dataclass(frozen=True)
+class PreparedGguf:
+    """What loading a checkpoint into llama.cpp starts from, for the capture and MTP workers."""
+
+    gguf: Path
+    env: dict[str, str] | None  # the worker's environment (LLAMA_CPP_LIB_PATH for a foreign lib)
+    family: Any  # harness.families.Family
+    findings: list[str]  # converter frictions, a user-given GGUF, the inventory's findings
+    inventory: Any  # harness.llamacpp.inventory.Inventory
+    inventory_findings: list[str]
+    config: dict[str, Any]  # the checkpoint's config.json
+
+
+def prepare_gguf(checkpoint_dir: Path, settings: Settings) -> PreparedGguf:
+    """ABI-check a foreign library first (before any work), read config.json, convert (cached)
+    unless the user gave a GGUF, and inventory the GGUF against the checkpoint."""
+    from harness.families import family_of
+    from harness.llamacpp import abi
+    from harness.llamacpp.convert import convert
+    from harness.llamacpp.inventory import inventory, render
+
+    checkpoint = Path(checkpoint_dir).expanduser().resolve()
+    env = None
+    if settings.lib_path is not None:
+        abi.check_library(settings.lib_path, site=settings.site)
+        env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(settings.lib_path.resolve()))
+    cfg_path = checkpoint / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{cfg_path}: cannot read ({e})") from None
+    family = family_of(config, cfg_path)
+    findings: list[str] = []
+    if settings.gguf is not None:
+        gguf = settings.gguf.resolve()
+        findings.append(f"GGUF given by the user, not converted here: {gguf}")
+    else:
+        conv = convert(checkpoint, settings.outtype, tree=settings.tree)
+        findings += conv.findings
+        if not conv.supported:
+            raise ArchitectureNotSupported(
+                f"{conv.reason}; the checkpoint is {family.name} ({family.architecture})"
+            )
+        gguf = conv.require()
+    inv = inventory(gguf, checkpoint)
+    inv_findings = render(inv)
+    return PreparedGguf(gguf, env, family, [*findings, *inv_findings], inv, inv_findings, config)
+
+
 class LlamaCppBackend:
     """llama.cpp through llama-cpp-python, driven out of process."""
 
@@ -149,39 +198,12 @@ class LlamaCppBackend:
 
     def load(self, checkpoint_dir: Path, options: BackendOptions) -> LlamaCppModel:
         """Convert (cached), inventory, ABI-check a foreign library, start a worker, load."""
-        from harness.families import family_of
-        from harness.llamacpp import abi
         from harness.llamacpp.client import WorkerClient
-        from harness.llamacpp.convert import convert
-        from harness.llamacpp.inventory import inventory, render
 
-        checkpoint = Path(checkpoint_dir).expanduser().resolve()
         settings = parse_options(options)
-        env = None
-        if settings.lib_path is not None:  # first: refuse a foreign library before any work
-            abi.check_library(settings.lib_path, site=settings.site)
-            env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(settings.lib_path.resolve()))
-        cfg_path = checkpoint / "config.json"
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"{cfg_path}: cannot read ({e})") from None
-        family = family_of(config, cfg_path)
-        findings: list[str] = []
-        if settings.gguf is not None:
-            gguf = settings.gguf.resolve()
-            findings.append(f"GGUF given by the user, not converted here: {gguf}")
-        else:
-            conv = convert(checkpoint, settings.outtype, tree=settings.tree)
-            findings += conv.findings
-            if not conv.supported:
-                raise ArchitectureNotSupported(
-                    f"{conv.reason}; the checkpoint is {family.name} ({family.architecture})"
-                )
-            gguf = conv.require()
-        inv = inventory(gguf, checkpoint)
-        inv_findings = render(inv)
-        findings += inv_findings
+        prep = prepare_gguf(checkpoint_dir, settings)
+        gguf, env, family, findings = prep.gguf, prep.env, prep.family, prep.findings
+        inv, inv_findings = prep.inventory, prep.inventory_findings
 
         client = WorkerClient(
             env=env, site=settings.site, timeout=settings.timeout, label=f"llama.cpp ({gguf.name})"

@@ -34,7 +34,6 @@ Everything that talks to llama.cpp runs in the child; an abort, segfault or hang
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import traceback
 import weakref
@@ -115,41 +114,17 @@ def load_llamacpp_mtp(
     ``options``: the llama.cpp backend's (``harness.backends.llamacpp_backend``) plus
     ``mtp_chain=nextn|l_out`` (the hidden chained drafts reuse; see the module doc).
     """
-    from harness.backends.llamacpp_backend import parse_options
+    from harness.backends.llamacpp_backend import parse_options, prepare_gguf
     from harness.errors import ArchitectureNotSupported
-    from harness.families import family_of
-    from harness.llamacpp import abi
-    from harness.llamacpp.convert import convert
-    from harness.llamacpp.inventory import inventory, render
 
-    checkpoint = Path(checkpoint_dir).expanduser().resolve()
     options, chain = _split_options(options)
     settings = parse_options(options)
-    env = None
-    if settings.lib_path is not None:
-        abi.check_library(settings.lib_path, site=settings.site)
-        env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(settings.lib_path.resolve()))
-    cfg_path = checkpoint / "config.json"
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{cfg_path}: cannot read ({e})") from None
-    if not int(config.get("num_nextn_predict_layers") or 0):
-        raise InputError(f"{checkpoint}: num_nextn_predict_layers is 0: no MTP head to draft with")
-    family = family_of(config, cfg_path)
-    findings: list[str] = []
-    if settings.gguf is not None:
-        gguf = settings.gguf.resolve()
-        findings.append(f"GGUF given by the user, not converted here: {gguf}")
-    else:
-        conv = convert(checkpoint, settings.outtype, tree=settings.tree)
-        findings += conv.findings
-        if not conv.supported:
-            raise ArchitectureNotSupported(
-                f"{conv.reason}; the checkpoint is {family.name} ({family.architecture})"
-            )
-        gguf = conv.require()
-    findings += render(inventory(gguf, checkpoint))
+    prep = prepare_gguf(checkpoint_dir, settings)
+    if not int(prep.config.get("num_nextn_predict_layers") or 0):
+        raise InputError(
+            f"{Path(checkpoint_dir)}: num_nextn_predict_layers is 0: no MTP head to draft with"
+        )
+    gguf, env, family, findings = prep.gguf, prep.env, prep.family, prep.findings
 
     client = MtpWorkerClient(
         env=env, site=settings.site, timeout=settings.timeout, label=f"llama.cpp MTP ({gguf.name})"
