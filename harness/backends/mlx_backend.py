@@ -57,7 +57,6 @@ class MlxBackend:
     def load(self, checkpoint_dir: Path, options: BackendOptions) -> MlxLoadedModel:
         """Load via ``mlx_lm.utils.load_model`` with the Ling-2.6 module (or the user's port)."""
         import mlx.core as mx
-        from mlx_lm.utils import load_model
 
         checkpoint_dir = Path(checkpoint_dir)
         dtype = _check_dtype(options.dtype)
@@ -72,24 +71,36 @@ class MlxBackend:
 
             return load_ling3(checkpoint_dir, options)
 
-        port_path = options.extra.get("model_module")
-        arch = _import_port(Path(port_path)) if port_path else importlib.import_module(STOCK_MODULE)
-        try:
-            model, config = load_model(
-                checkpoint_dir, get_model_classes=lambda config: (arch.Model, arch.ModelArgs)
-            )
-        except Exception as e:
-            if port_path:
-                raise PortFailure(
-                    f"{port_path}: loading {checkpoint_dir} with this MLX port failed: "
-                    f"{type(e).__name__}: {e}"
-                ) from e
-            raise InputError(
-                f"{checkpoint_dir}: mlx-lm could not load this checkpoint: {type(e).__name__}: {e}"
-            ) from e
-
+        model, config, arch = load_port_model(checkpoint_dir, options, STOCK_MODULE, "mlx-lm")
         _cast(model, getattr(mx, dtype))
         return MlxLoadedModel(model, config, dtype, stream, module=arch.__name__)
+
+
+def load_port_model(
+    checkpoint_dir: Path, options: BackendOptions, stock_module: str, stock_name: str
+) -> tuple[Any, dict[str, Any], Any]:
+    """(model, config, module) through ``mlx_lm.utils.load_model`` with the user's port module
+    (``model_module``) or ``stock_module``: a failing user port is a PortFailure (a finding
+    about the port), a checkpoint mlx-lm itself cannot load an InputError."""
+    from mlx_lm.utils import load_model
+
+    port_path = options.extra.get("model_module")
+    arch = _import_port(Path(port_path)) if port_path else importlib.import_module(stock_module)
+    try:
+        model, config = load_model(
+            checkpoint_dir, get_model_classes=lambda config: (arch.Model, arch.ModelArgs)
+        )
+    except Exception as e:
+        if port_path:
+            raise PortFailure(
+                f"{port_path}: loading {checkpoint_dir} with this MLX port failed: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        raise InputError(
+            f"{checkpoint_dir}: {stock_name} could not load this checkpoint: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    return model, config, arch
 
 
 class _Recorder:

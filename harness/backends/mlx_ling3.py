@@ -12,7 +12,6 @@ and the router ``mlp.gate`` returns ``(ids, weights)`` itself (no ``gate_proj`` 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,11 @@ from harness.backends.mlx_backend import (
     _cast,
     _check_dtype,
     _child,
-    _import_port,
     _stream,
     _tap,
+    load_port_model,
 )
 from harness.capture_points import layer_point
-from harness.errors import InputError, PortFailure
 
 STOCK_MODULE = "mlx_lm.models.bailing_moe_v3"
 
@@ -37,27 +35,13 @@ STOCK_MODULE = "mlx_lm.models.bailing_moe_v3"
 def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> MlxLing3LoadedModel:
     """Load via ``mlx_lm.utils.load_model`` with ``bailing_moe_v3`` (or ``model_module``)."""
     import mlx.core as mx
-    from mlx_lm.utils import load_model
 
     checkpoint_dir = Path(checkpoint_dir)
     dtype = _check_dtype(options.dtype)
     stream = _stream(options.device)
-    port_path = options.extra.get("model_module")
-    arch = _import_port(Path(port_path)) if port_path else importlib.import_module(STOCK_MODULE)
-    try:
-        model, config = load_model(
-            checkpoint_dir, get_model_classes=lambda config: (arch.Model, arch.ModelArgs)
-        )
-    except Exception as e:
-        if port_path:
-            raise PortFailure(
-                f"{port_path}: loading {checkpoint_dir} with this MLX port failed: "
-                f"{type(e).__name__}: {e}"
-            ) from e
-        raise InputError(
-            f"{checkpoint_dir}: mlx-lm's bailing_moe_v3 (Ling 3.0) could not load this "
-            f"checkpoint: {type(e).__name__}: {e}"
-        ) from e
+    model, config, arch = load_port_model(
+        checkpoint_dir, options, STOCK_MODULE, "mlx-lm's bailing_moe_v3 (Ling 3.0)"
+    )
     _cast(model, getattr(mx, dtype))
     return MlxLing3LoadedModel(model, config, dtype, stream, module=arch.__name__)
 
