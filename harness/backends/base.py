@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -108,3 +108,19 @@ def greedy(model: LoadedModel, prompt: Sequence[int], n_new: int) -> list[int]:
         if len(out) < n_new:
             logits = session.feed([token])["result_output"]
     return out
+
+
+class Recorder:
+    """Shared by every capture hook of one loaded model: records only the wanted names, and only
+    while a ``feed`` has opened a store (hooks fire on every forward)."""
+
+    def __init__(self) -> None:
+        self.wanted: frozenset[str] = frozenset()
+        self.store: dict[str, Any] | None = None
+
+    def wants(self, name: str) -> bool:
+        return self.store is not None and name in self.wanted
+
+    def put(self, name: str, value: Any) -> None:
+        if self.wants(name):
+            self.store[name] = value  # type: ignore[index]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.backends.base import Availability, BackendOptions, Captures
+from harness.backends.base import Availability, BackendOptions, Captures, Recorder
 from harness.capture_points import UnknownCapturePoint, layer_point, parse
 from harness.errors import InputError, PortFailure
 from harness.families import family_of
@@ -103,19 +103,8 @@ def load_port_model(
     return model, config, arch
 
 
-class _Recorder:
-    """Shared by all tapped modules of one loaded model; active only during a ``feed``."""
-
-    def __init__(self) -> None:
-        self.wanted: frozenset[str] = frozenset()
-        self.store: dict[str, Any] | None = None
-
-    def wants(self, name: str) -> bool:
-        return self.store is not None and name in self.wanted
-
-    def put(self, name: str, value: Any) -> None:
-        if self.wants(name):
-            self.store[name] = value
+class _Recorder(Recorder):
+    """The recorder plus the router's (ids, weights) pair."""
 
     def put_route(self, topk: str, weights: str, out: Any) -> None:
         """Router ids and weights travel together: sorting the ids reorders the weights."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.backends.base import DTYPES, BackendOptions, Captures
+from harness.backends.base import DTYPES, BackendOptions, Captures, Recorder
 from harness.capture_points import UnknownCapturePoint, layer_point, parse
 from harness.errors import InputError
 from harness.families import family_of
@@ -94,19 +94,11 @@ def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLin
     return TransformersLing3Model(model, cfg.vocab_size, options.dtype)
 
 
-class _Recorder:
-    """Shared by every hook of one loaded model; records only during a ``feed``."""
-
-    def __init__(self) -> None:
-        self.wanted: frozenset[str] = frozenset()
-        self.store: dict[str, Any] | None = None
-
-    def wants(self, name: str) -> bool:
-        return self.store is not None and name in self.wanted
+class _Recorder(Recorder):
+    """Keeps detached tensors (no autograd graph held by the captures)."""
 
     def put(self, name: str, value: Any) -> None:
-        if self.wants(name):
-            self.store[name] = value.detach()  # type: ignore[index]
+        super().put(name, value.detach() if self.wants(name) else value)
 
 
 Hook = Callable[[Any, tuple[Any, ...], Any], None]
