@@ -7,7 +7,8 @@ A baseline is one JSON file holding the three tables a run writes (``parity.parq
 - parity: a point regresses when it passed in the baseline and fails its tolerance now, when its
   NMSE grew more than ``nmse_factor``-fold (above a floor, so exact zeros stay quiet), or when
   top-1 or router-id agreement dropped;
-- MTP: acceptance regresses when it falls by more than two binomial standard errors;
+- MTP: acceptance regresses when it falls by more than two binomial standard errors; draft
+  logits as parity points (NMSE up more than the factor, top-1 down);
 - throughput: tok/s regresses when it falls below the baseline by more than the measured spread
   makes plausible (``spread_k`` times the two runs' relative spreads, at least ``min_drop``).
 """
@@ -79,7 +80,7 @@ def save_baseline(tables: dict[str, pd.DataFrame], path: Path) -> Path:
 # What a baseline keeps per table: the keys and the metrics the rules read, nothing else.
 KEPT = {
     "parity": [*PARITY_KEY, "nmse", "passed", "top1", "index_agreement"],
-    "mtp": [*MTP_KEY, "acceptance_rate", "num_draft_tokens"],
+    "mtp": [*MTP_KEY, "acceptance_rate", "num_draft_tokens", "draft_nmse_max", "draft_top1"],
     "throughput": [*THROUGHPUT_KEY, "S_PP", "T_PP", "T_PP_spread", "S_TG", "T_TG", "T_TG_spread"],
 }
 
@@ -163,6 +164,16 @@ def mtp_regressions(base: pd.DataFrame, cur: pd.DataFrame, rules: GateRules) -> 
         if r.acceptance_rate_cur < allowed:
             out.append(_row("mtp", key, "acceptance_rate", p, r.acceptance_rate_cur,
                             f">= {allowed:.4g}", "acceptance fell beyond 2 binomial std errors"))
+        # The draft logits, as the parity points: a head drifting inside its tolerance.
+        nb, nc = getattr(r, "draft_nmse_max_base", math.nan), getattr(r, "draft_nmse_max_cur", 0)
+        if pd.notna(nb) and pd.notna(nc):
+            limit = max(nb, rules.nmse_floor) * rules.nmse_factor
+            if nc > limit:
+                out.append(_row("mtp", key, "draft_nmse_max", nb, nc, f"<= {limit:.3g}",
+                                f"draft NMSE grew {nc / max(nb, rules.nmse_floor):.3g}-fold"))
+        b, c = getattr(r, "draft_top1_base", math.nan), getattr(r, "draft_top1_cur", math.nan)
+        if pd.notna(b) and pd.notna(c) and c < b - 1e-12:
+            out.append(_row("mtp", key, "draft_top1", b, c, f">= {b:.4g}", "draft top-1 dropped"))
     return out
 
 

@@ -95,6 +95,19 @@ def test_mtp_acceptance_drop_beyond_binomial_noise_is_flagged():
     assert list(found["metric"]) == ["acceptance_rate"]
 
 
+def test_mtp_draft_logits_drifting_inside_their_tolerance_are_flagged():
+    """A head whose draft logits grow 1000x worse (still far inside 1e-8) or whose draft top-1
+    drops is a regression even while acceptance holds."""
+    base = pd.DataFrame([{"case": "c", "prompt": "p", "backend": "llamacpp",
+                          "acceptance_rate": 0.5, "num_draft_tokens": 20,
+                          "draft_nmse_max": 2e-14, "draft_top1": 1.0}])
+    assert gate({"mtp": base}, {"mtp": base.assign(draft_nmse_max=5e-14)}).empty
+    drifted = gate({"mtp": base}, {"mtp": base.assign(draft_nmse_max=2e-11)})
+    assert list(drifted["metric"]) == ["draft_nmse_max"]
+    flipped = gate({"mtp": base}, {"mtp": base.assign(draft_top1=0.95)})
+    assert list(flipped["metric"]) == ["draft_top1"]
+
+
 def test_a_missing_baseline_is_bad_input_and_only_an_explicit_update_writes_one(tmp_path):
     run = _parity_run(tmp_path / "run")
     path = tmp_path / "none.json"
