@@ -210,7 +210,8 @@ class Ling3MtpHead:
         (block outputs before the final norm, logits).  ``record`` collects the mtp_* points."""
         w, v, eps = self.w, self.variant, self.eps
         rec = record if record is not None else {}
-        e = rms_norm(self.embed[torch.tensor(list(ids), dtype=torch.long)], w.enorm, eps)
+        ids_t = torch.tensor(list(ids), dtype=torch.long, device=self.embed.device)
+        e = rms_norm(self.embed[ids_t], w.enorm, eps)
         rec["mtp_enorm"] = e
         hn = rms_norm(hidden, w.hnorm, eps)
         rec["mtp_hnorm"] = hn
@@ -282,7 +283,7 @@ class Ling3MtpSession(DraftingSession):
     def _trunk(self, tokens: list[int]) -> tuple[np.ndarray, torch.Tensor]:
         caps = self._trunk_session.feed(tokens)
         name = "result_norm" if self._model.head.variant.mtp_hidden == "post_norm" else self._last
-        hidden = torch.from_numpy(caps[name]).to(self._model.head.embed.dtype)
+        hidden = torch.from_numpy(caps[name]).to(self._model.head.embed)
         return caps["result_output"], hidden
 
     def _head(
