@@ -577,7 +577,12 @@ class MtpRunner:
             return first_mtp_divergence(model, ref_model, prompt.tokens, tol)
         except (InputError, PortFailure) as e:
             self.findings.append(f"{target.label} MTP capture on {prompt.case}/{prompt.name}: {e}")
-            return ""
+        except Exception as e:  # a port whose capture crashes is a finding, not a harness crash
+            self.findings.append(
+                f"{target.label} MTP capture on {prompt.case}/{prompt.name}: "
+                f"{type(e).__name__}: {e}"
+            )
+        return ""
 
 
 def first_mtp_divergence(
