@@ -74,3 +74,27 @@ def test_a_wrong_head_is_named_at_the_first_point_the_backend_exposes(case, targ
     wrong = _model(case, f"torch-float64:variant={mutation}")
     named = first_mtp_divergence(_model(case, target), wrong, _tokens(case), TOL)
     assert named == EXPECTED[case, target][mutation]
+
+
+def test_a_crashing_capture_is_a_finding_for_that_backend_not_a_harness_crash():
+    from harness.mtp import MtpPrompt, MtpRunner
+
+    case = load_case(CASES_DIR / "mtp-agree.toml")
+    ckpt = materialize(case)
+    reference = _model("mtp-agree", "torch-float64")
+
+    class CrashingCapture:  # drafts as the reference does; its capture blows up
+        label, vocab_size = "broken-port", reference.vocab_size
+
+        def start(self):
+            return reference.start()
+
+        def capture(self, tokens):
+            raise RuntimeError("shape mismatch inside the port")
+
+    target = Target.parse("torch-float32")
+    runner = MtpRunner(steps=8)
+    runner._models[target, ckpt] = CrashingCapture()
+    _, run = runner.run(ckpt, MtpPrompt(case.name, "p", _tokens("mtp-agree")), [target])
+    assert run.mtp_first_divergence == "" and run.error == ""
+    assert any("RuntimeError: shape mismatch inside the port" in f for f in runner.findings)
