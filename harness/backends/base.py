@@ -124,3 +124,19 @@ class Recorder:
     def put(self, name: str, value: Any) -> None:
         if self.wants(name):
             self.store[name] = value  # type: ignore[index]
+
+
+def wanted_points(capture: Collection[str]) -> frozenset[str]:
+    """The canonical points a session records: ``result_output`` always, plus ``capture`` after
+    checking every name against the vocabulary (an unknown name is an InputError)."""
+    from harness.capture_points import UnknownCapturePoint, parse
+    from harness.errors import InputError
+
+    wanted = {"result_output"}
+    for name in capture:
+        try:
+            parse(name)
+        except UnknownCapturePoint as e:
+            raise InputError(str(e)) from None
+        wanted.add(name)
+    return frozenset(wanted)

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.backends.base import Availability, BackendOptions, Captures, Recorder
-from harness.capture_points import UnknownCapturePoint, layer_point, parse
+from harness.backends.base import Availability, BackendOptions, Captures, Recorder, wanted_points
+from harness.capture_points import layer_point
 from harness.errors import InputError, PortFailure
 from harness.families import family_of
 
@@ -131,14 +131,7 @@ class MlxLoadedModel:
 
     def start(self, capture: Collection[str] = ()) -> MlxSession:
         """A fresh session with a fresh ``model.make_cache()``."""
-        wanted = {"result_output"}
-        for name in capture:
-            try:
-                parse(name)
-            except UnknownCapturePoint as e:
-                raise InputError(str(e)) from None
-            wanted.add(name)
-        return MlxSession(self, frozenset(wanted))
+        return MlxSession(self, wanted_points(capture))
 
 
 class MlxSession:

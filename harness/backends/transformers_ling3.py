@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.backends.base import DTYPES, BackendOptions, Captures, Recorder
-from harness.capture_points import UnknownCapturePoint, layer_point, parse
+from harness.backends.base import DTYPES, BackendOptions, Captures, Recorder, wanted_points
+from harness.capture_points import layer_point
 from harness.errors import InputError
 from harness.families import family_of
 
@@ -119,14 +119,7 @@ class TransformersLing3Model:
         self._install_hooks()
 
     def start(self, capture: Collection[str] = ()) -> TransformersLing3Session:
-        wanted = {"result_output"}
-        for name in capture:
-            try:
-                parse(name)
-            except UnknownCapturePoint as e:
-                raise InputError(str(e)) from None
-            wanted.add(name)
-        return TransformersLing3Session(self, frozenset(wanted))
+        return TransformersLing3Session(self, wanted_points(capture))
 
     # -- hooks ------------------------------------------------------------------------------
 

@@ -470,18 +470,7 @@ class MtpEngine:
         for start in range(0, len(tokens), base.n_ubatch):
             part = tokens[start : start + base.n_ubatch]
             base.cb_error = None
-            batch = ll.llama_batch_init(len(part), 0, 1)
-            try:
-                for i, tok in enumerate(part):
-                    batch.token[i] = tok
-                    batch.pos[i] = base.n_past + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = 1
-                batch.n_tokens = len(part)
-                rc = ll.llama_decode(base.ctx, batch)
-            finally:
-                ll.llama_batch_free(batch)
+            rc = base.decode(part)
             self._decode_error()
             if rc != 0:
                 raise WorkerError(f"trunk llama_decode returned {rc} at {base.n_past}", "decode")

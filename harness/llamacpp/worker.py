@@ -206,18 +206,7 @@ class Engine:
         for start in range(0, len(tokens), self.n_ubatch):
             part = tokens[start : start + self.n_ubatch]
             self.graph, self.cb_error = {}, None
-            batch = ll.llama_batch_init(len(part), 0, 1)
-            try:
-                for i, tok in enumerate(part):
-                    batch.token[i] = tok
-                    batch.pos[i] = self.n_past + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = 1
-                batch.n_tokens = len(part)
-                rc = ll.llama_decode(self.ctx, batch)
-            finally:
-                ll.llama_batch_free(batch)
+            rc = self.decode(part)
             if self.cb_error is not None:
                 err = "".join(traceback.format_exception(self.cb_error))
                 raise WorkerError(f"eval callback failed:\n{err}", "callback")
@@ -231,6 +220,23 @@ class Engine:
             self.n_past += len(part)
             chunks.append(self.graph)
         return self._write(chunks, logits)
+
+    def decode(self, tokens: Sequence[int]) -> int:
+        """``llama_decode`` of one batch at positions n_past.., sequence 0, logits for every
+        row; the return code (n_past is the caller's to advance)."""
+        ll = self.ll
+        batch = ll.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for i, tok in enumerate(tokens):
+                batch.token[i] = tok
+                batch.pos[i] = self.n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1
+            batch.n_tokens = len(tokens)
+            return int(ll.llama_decode(self.ctx, batch))
+        finally:
+            ll.llama_batch_free(batch)
 
     def _write(self, chunks: list[dict[str, np.ndarray]], logits: np.ndarray) -> dict[str, Any]:
         """Save one npz: the logits and, per name, one array per graph (keys listed in order)."""
