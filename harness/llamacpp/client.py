@@ -52,6 +52,9 @@ class ContextParams:
     n_gpu_layers: int = 0
     load_mtp: bool = False
     check_tensors: bool = True
+    # recurrent rollback planes: llama_memory_seq_rm may then undo up to n_rs_seq tokens of a
+    # recurrent sequence (llama.cpp clamps it to 0 for architectures without snapshots)
+    n_rs_seq: int = 0
 
     def record(self) -> dict[str, Any]:
         """The parameters as a plain dict for result metadata."""

@@ -18,14 +18,21 @@ by :meth:`LlamaCppMtpModel.capture_calls`, which captures the mtp_* points per M
   ``mtp_chain=l_out`` takes the block output before that norm (the ``mtp_l_out`` capture), which
   is what the reference (``references/mtp_session.py``) and vLLM chain on.
 
-Undo: the port's GLA layers keep no per-token recurrent states (``n_rs_seq`` unset), so a partial
-``llama_memory_seq_rm`` of the trunk fails.  ``snapshot()`` therefore copies the trunk sequence
-(``llama_state_seq_get_data``: MLA latent cells + GLA states) into the child's memory and
-``restore()`` clears the sequence and writes it back (``llama_state_seq_set_data``): bit-exact, a
-memcpy of the sequence's state per verification step (O(context) bytes, no recompute; re-feeding
-the history would be O(context) compute and not bit-exact, since chunking changes float32
-rounding).  The MTP cache needs no copy: entries after the snapshot are trimmed at the next
-draft.  Snapshots are freed in the child when their Python object is collected.
+Undo, two ways (option ``mtp_rollback``):
+
+- ``state`` (default): ``snapshot()`` copies the trunk sequence (``llama_state_seq_get_data``: MLA
+  latent cells + recurrent states) into the child's memory and ``restore()`` clears the sequence
+  and writes it back (``llama_state_seq_set_data``): bit-exact, a memcpy of the sequence's state
+  per verification step, for any build.  Snapshots are freed in the child when their Python object
+  is collected.
+- ``seq_rm`` (llama-server's way): the trunk context gets ``n_rs_seq`` rollback planes
+  (``mtp_rs_seq``, default 8; upstream ``bailingmoe3`` and our port keep per-token recurrent states
+  for them) and nothing is copied.  ``restore()`` waits for the next ``feed``, which must be a
+  prefix of the batch fed after the snapshot (the verified token and its accepted drafts): the
+  child drops the rest in place (``llama_memory_seq_rm``) and the prefix keeps the logits and
+  hiddens that batch computed.  A build whose architecture has no rollback planes is refused.
+
+The MTP cache needs no copy either way: entries after the snapshot are trimmed at the next draft.
 
 Everything that talks to llama.cpp runs in the child; an abort, segfault or hang there is a
 :class:`harness.errors.PortFailure` (:class:`harness.llamacpp.client.WorkerClient`).
@@ -47,8 +54,10 @@ import numpy as np
 from harness.errors import InputError, PortFailure
 from harness.llamacpp.client import WorkerClient
 
-MTP_EXTRA_KEYS = ("mtp_chain",)
+MTP_EXTRA_KEYS = ("mtp_chain", "mtp_rollback", "mtp_rs_seq")
 CHAIN_HIDDEN = ("nextn", "l_out")
+ROLLBACKS = ("state", "seq_rm")
+DEFAULT_RS_SEQ = 8  # rollback planes under mtp_rollback=seq_rm: a verification of chain <= 7
 
 # staging API of src/llama-ext.h: declared without extern "C", so exported C++-mangled
 _SYM_SET_NEXTN = "_Z26llama_set_embeddings_nextnP13llama_contextbb"
@@ -97,13 +106,24 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         p.unlink(missing_ok=True)
 
 
-def _split_options(options: Any) -> tuple[Any, str]:
-    """(BackendOptions without this module's keys, chain-hidden choice)."""
+def _split_options(options: Any) -> tuple[Any, str, int]:
+    """(BackendOptions without this module's keys, chain-hidden choice, rollback planes: 0 for
+    ``mtp_rollback=state``)."""
     extra = dict(options.extra)
     chain = str(extra.pop("mtp_chain", "nextn")).strip().lower()
     if chain not in CHAIN_HIDDEN:
         raise InputError(f"llamacpp: mtp_chain={chain!r}; known: {', '.join(CHAIN_HIDDEN)}")
-    return replace(options, extra=extra), chain
+    rollback = str(extra.pop("mtp_rollback", "state")).strip().lower()
+    if rollback not in ROLLBACKS:
+        raise InputError(f"llamacpp: mtp_rollback={rollback!r}; known: {', '.join(ROLLBACKS)}")
+    raw = extra.pop("mtp_rs_seq", DEFAULT_RS_SEQ)
+    try:
+        rs_seq = int(raw)
+    except (TypeError, ValueError):
+        rs_seq = 0
+    if rs_seq < 1:
+        raise InputError(f"llamacpp: mtp_rs_seq={raw!r}; expected a positive integer")
+    return replace(options, extra=extra), chain, rs_seq if rollback == "seq_rm" else 0
 
 
 def load_llamacpp_mtp(
@@ -117,7 +137,7 @@ def load_llamacpp_mtp(
     from harness.backends.llamacpp_backend import parse_options, prepare_gguf
     from harness.errors import ArchitectureNotSupported
 
-    options, chain = _split_options(options)
+    options, chain, rs_seq = _split_options(options)
     settings = parse_options(options)
     prep = prepare_gguf(checkpoint_dir, settings)
     if not int(prep.config.get("num_nextn_predict_layers") or 0):
@@ -129,7 +149,7 @@ def load_llamacpp_mtp(
     client = MtpWorkerClient(
         env=env, site=settings.site, timeout=settings.timeout, label=f"llama.cpp MTP ({gguf.name})"
     )
-    params = replace(settings.params, load_mtp=True)
+    params = replace(settings.params, load_mtp=True, n_rs_seq=rs_seq)
     try:
         info = client.request(
             {"op": "load", "model": str(gguf), "params": params.record(), "chain": chain},
@@ -176,6 +196,7 @@ class LlamaCppMtpModel:
         self.findings = findings
         self.vocab_size = int(info["n_vocab"])
         self.n_embd = int(info["n_embd"])
+        self.rs_seq = int(info.get("n_rs_seq") or 0)  # > 0: undo by in-place rollback
         self._generation = 0
         self._drops: list[int] = []  # snapshot ids collected in the parent, freed in the child
         self.snapshot_bytes = 0  # size of the last trunk snapshot (the cost of one undo point)
@@ -271,6 +292,10 @@ class LlamaCppMtpSession:
         self._pending: np.ndarray | None = None  # [n, n_embd] hiddens of mtp_done..len-1
         self._mtp_done = 0  # positions committed to the MTP cache
         self._chain: tuple[np.ndarray, tuple[int, ...]] | None = None
+        # mtp_rollback=seq_rm: the last trunk batch (start, tokens, logits, hiddens) and an undo
+        # that waits for the feed of the batch's kept prefix (see restore)
+        self._last: tuple[int, list[int], np.ndarray, np.ndarray] | None = None
+        self._undo: _Snapshot | None = None
 
     def _check(self) -> None:
         if self._generation != self._m._generation:
@@ -281,6 +306,9 @@ class LlamaCppMtpSession:
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("feed needs at least one token")
+        if self._undo is not None:
+            return self._keep_prefix(tokens)
+        start = len(self._tokens)
         r = self._m.request(
             {"op": "feed", "tokens": tokens},
             f"decoding {len(tokens)} trunk token(s) at position {len(self._tokens)}",
@@ -289,7 +317,35 @@ class LlamaCppMtpSession:
         hidden = out["hidden"]
         self._tokens += tokens
         self._pending = hidden if self._pending is None else np.concatenate([self._pending, hidden])
-        return out["logits"].astype(np.float64)
+        logits = out["logits"].astype(np.float64)
+        self._last = (start, tokens, logits, hidden)
+        return logits
+
+    def _keep_prefix(self, tokens: list[int]) -> np.ndarray:
+        """After a deferred restore: ``tokens`` must be a prefix of the batch fed after the
+        snapshot (the verified token and its accepted drafts); the child drops the rest in place
+        and the prefix's logits and hiddens are the ones that batch computed, as llama-server
+        keeps them."""
+        snap, self._undo = self._undo, None
+        assert snap is not None
+        start = len(snap.tokens)
+        last = self._last
+        if last is None or last[0] != start or last[1][: len(tokens)] != tokens:
+            raise RuntimeError(
+                "mtp_rollback=seq_rm: after restore() the next feed must be a prefix of the batch "
+                "fed after the snapshot (llama-server's pattern); use mtp_rollback=state otherwise"
+            )
+        self._m.request(
+            {"op": "rollback", "keep_to": start + len(tokens)},
+            f"rolling back {len(last[1]) - len(tokens)} trunk token(s) to position "
+            f"{start + len(tokens)}",
+        )
+        n = len(tokens)
+        hidden = last[3][:n]
+        self._tokens += tokens
+        self._pending = hidden if self._pending is None else np.concatenate([self._pending, hidden])
+        self._last = (start, tokens, last[2][:n], hidden)
+        return last[2][:n]
 
     def _head(
         self, ids: list[int], hidden: np.ndarray, pos0: int, keep: int | None, doing: str
@@ -343,6 +399,8 @@ class LlamaCppMtpSession:
     def snapshot(self) -> _Snapshot:
         self._check()
         m = self._m
+        if m.rs_seq:  # undo rolls back in place: nothing to copy
+            return _Snapshot(0, tuple(self._tokens), self._pending, self._mtp_done, self._chain)
         r = m.request({"op": "save"}, f"saving the trunk state at position {len(self._tokens)}")
         m.snapshot_bytes, m.snapshots_held = int(r["bytes"]), int(r["held"])
         snap = _Snapshot(
@@ -353,14 +411,20 @@ class LlamaCppMtpSession:
 
     def restore(self, snap: _Snapshot) -> None:
         self._check()
-        self._m.request(
-            {"op": "restore", "id": snap.sid},
-            f"restoring the trunk state of position {len(snap.tokens)}",
-        )
+        if self._m.rs_seq:
+            self._undo = snap  # carried out by the next feed (_keep_prefix)
+        else:
+            self._restore_copy(snap)
         self._tokens = list(snap.tokens)
         self._pending = snap.pending
         self._mtp_done = snap.mtp_done
         self._chain = snap.chain
+
+    def _restore_copy(self, snap: _Snapshot) -> None:
+        self._m.request(
+            {"op": "restore", "id": snap.sid},
+            f"restoring the trunk state of position {len(snap.tokens)}",
+        )
 
 
 # ============================================================================================
@@ -380,6 +444,7 @@ class MtpEngine:
         self.n_embd = 0
         self.chain = "nextn"
         self.states: dict[int, tuple[Any, int, int]] = {}  # id -> (buffer, size, n_past)
+        self.rs_seq = 0  # the trunk's rollback planes (0: undo copies the sequence state)
         self._next_id = 0
         self._seq = 0
 
@@ -409,6 +474,12 @@ class MtpEngine:
             _SYM_GET_NEXTN_ITH, [ctypes.c_void_p, ctypes.c_int32], ctypes.POINTER(ctypes.c_float)
         )
         info = base.load(model, params)
+        self.rs_seq = int(ll.llama_n_rs_seq(base.ctx)) if hasattr(ll, "llama_n_rs_seq") else 0
+        if int(params.get("n_rs_seq", 0)) and not self.rs_seq:
+            raise WorkerError(
+                f"n_rs_seq={params['n_rs_seq']} was clamped to 0: this build's "
+                f"{info.get('arch')} has no recurrent rollback snapshots", "load"
+            )
         if not info.get("n_layer_nextn"):
             return info
         self.n_embd = int(info["n_embd"])
@@ -438,7 +509,7 @@ class MtpEngine:
             raise WorkerError("creating the MTP context failed (see its log below)", "load")
         self.set_nextn(base.ctx, True, False)  # h_t of every trunk row
         self.set_nextn(self.ctx_mtp, True, True)
-        return {**info, "mtp_chain": chain}
+        return {**info, "mtp_chain": chain, "n_rs_seq": self.rs_seq}
 
     def _out(self, **arrays: np.ndarray) -> dict[str, Any]:
         self._seq += 1
@@ -611,6 +682,25 @@ class MtpEngine:
         base.n_past = n_past
         return {"n_past": n_past}
 
+    def rollback(self, keep_to: int) -> dict[str, Any]:
+        """llama-server's undo: drop the trunk positions from ``keep_to`` on in place
+        (``llama_memory_seq_rm``); recurrent layers return to a rollback plane."""
+        from harness.llamacpp.worker import WorkerError
+
+        ll, base = self.ll, self.base
+        self._require()
+        if not 0 < keep_to <= base.n_past:
+            raise WorkerError(f"rollback to {keep_to} outside (0, {base.n_past}]", "input")
+        if keep_to < base.n_past:
+            mem = ll.llama_get_memory(base.ctx)
+            if not ll.llama_memory_seq_rm(mem, 0, keep_to, -1):
+                raise WorkerError(
+                    f"llama_memory_seq_rm(0, {keep_to}, -1) refused to drop "
+                    f"{base.n_past - keep_to} token(s) (n_rs_seq={self.rs_seq})", "state"
+                )
+            base.n_past = keep_to
+        return {"n_past": base.n_past}
+
     def reset(self) -> dict[str, Any]:
         ll, base = self.ll, self.base
         if self.ctx_mtp is not None:
@@ -655,6 +745,8 @@ def _handle(engine: MtpEngine, op: str, req: dict[str, Any]) -> dict[str, Any]:
         return engine.save()
     if op == "restore":
         return engine.restore(int(req["id"]))
+    if op == "rollback":
+        return engine.rollback(int(req["keep_to"]))
     if op == "reset":
         return engine.reset()
     raise WorkerError(f"unknown op {op!r}", "protocol")

@@ -134,6 +134,7 @@ class Engine:
         cp.n_batch = int(params.get("n_batch", cp.n_ctx))
         cp.n_ubatch = int(params.get("n_ubatch", cp.n_batch))
         cp.n_seq_max = 1
+        cp.n_rs_seq = int(params.get("n_rs_seq", 0))
         cp.n_threads = n_threads
         cp.n_threads_batch = n_threads
         cp.type_k = _KV_TYPES[params.get("type_k", "f32")]
