@@ -14,8 +14,8 @@ kv_lora_rank + qk_rope_head_dim floats per token), which is what makes increment
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,12 @@ class MLADims:
     v_head_dim: int
     kv_lora_rank: int
     rope_theta: float
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> MLADims:
+        """From any config naming these keys as config.json does (Ling-2.6 and Ling 3.0 do)."""
+        named = {f.name: f.name for f in fields(cls)} | {"num_heads": "num_attention_heads"}
+        return cls(**{field: getattr(cfg, key) for field, key in named.items()})
 
     @property
     def qk_head_dim(self) -> int:

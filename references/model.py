@@ -155,21 +155,8 @@ class BailingHybridReference:
         variant = options.variant
         _check_variant(cfg, variant)
         self._tensors = tensors
-        self.mla_dims = MLADims(
-            num_heads=cfg.num_attention_heads,
-            qk_nope_head_dim=cfg.qk_nope_head_dim,
-            qk_rope_head_dim=cfg.qk_rope_head_dim,
-            v_head_dim=cfg.v_head_dim,
-            kv_lora_rank=cfg.kv_lora_rank,
-            rope_theta=cfg.rope_theta,
-        )
-        self.router_config = RouterConfig(
-            num_experts_per_tok=cfg.num_experts_per_tok,
-            n_group=cfg.n_group,
-            topk_group=cfg.topk_group,
-            norm_topk_prob=cfg.norm_topk_prob,
-            routed_scaling_factor=cfg.routed_scaling_factor,
-        )
+        self.mla_dims = MLADims.from_config(cfg)
+        self.router_config = RouterConfig.from_config(cfg)
         self.embed = self._get("model.word_embeddings.weight")
         self.norm = self._get("model.norm.weight")
         self.lm_head = self.embed if cfg.tie_word_embeddings else self._get("lm_head.weight")

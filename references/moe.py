@@ -12,7 +12,8 @@ Output: sum_k w_k E_k(x) + S(x), every expert and the shared expert S being a Sw
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,11 @@ class RouterConfig:
     topk_group: int
     norm_topk_prob: bool
     routed_scaling_factor: float
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RouterConfig:
+        """From any config naming these keys as config.json does (Ling-2.6 and Ling 3.0 do)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,10 @@ from references.ling3.config import load_config
 from references.ling3.mtp import (
     Ling3ReferenceMtpModel,
     load_ling3_mtp,
-    mla_dims,
     mla_weights,
     mtp_tensor_shapes,
 )
-from references.mla import MLACache, mla_forward
+from references.mla import MLACache, MLADims, mla_forward
 from references.variant import mutations
 
 STEPS = 32
@@ -94,7 +93,8 @@ def test_our_gated_mla_computes_transformers_mla_layer():
     where = weight_files(ckpt)
     arrays = read_tensors(where, _shapes_of(where, prefix))
     w = mla_weights(lambda n: torch.from_numpy(arrays[n]).double(), prefix, cfg)
-    out, _ = mla_forward(torch.from_numpy(caps[f"attn_norm-{layer}"]), w, mla_dims(cfg), MLACache())
+    a = torch.from_numpy(caps[f"attn_norm-{layer}"])
+    out, _ = mla_forward(a, w, MLADims.from_config(cfg), MLACache())
     assert nmse(out.numpy(), caps[f"attn_out-{layer}"]) < 1e-12
 
 

@@ -158,17 +158,6 @@ def mla_weights(
     )
 
 
-def mla_dims(cfg: Ling3Config) -> MLADims:
-    return MLADims(
-        num_heads=cfg.num_attention_heads,
-        qk_nope_head_dim=cfg.qk_nope_head_dim,
-        qk_rope_head_dim=cfg.qk_rope_head_dim,
-        v_head_dim=cfg.v_head_dim,
-        kv_lora_rank=cfg.kv_lora_rank,
-        rope_theta=cfg.rope_theta,
-    )
-
-
 class Ling3MtpHead:
     """The NextN head's math (module doc) over the shared embedding and lm_head."""
 
@@ -185,14 +174,8 @@ class Ling3MtpHead:
         self.cfg, self.w, self.variant = cfg, weights, variant
         self.embed, self.lm_head, self.trunk_norm = embed, lm_head, trunk_norm
         self.eps = cfg.rms_norm_eps
-        self.dims = mla_dims(cfg)
-        self.router = RouterConfig(
-            num_experts_per_tok=cfg.num_experts_per_tok,
-            n_group=cfg.n_group,
-            topk_group=cfg.topk_group,
-            norm_topk_prob=cfg.norm_topk_prob,
-            routed_scaling_factor=cfg.routed_scaling_factor,
-        )
+        self.dims = MLADims.from_config(cfg)
+        self.router = RouterConfig.from_config(cfg)
         moe = weights.block.ffn
         assert isinstance(moe, MoEWeights) and isinstance(weights.block.attention, MLAWeights)
         self.attention: MLAWeights = weights.block.attention
