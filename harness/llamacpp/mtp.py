@@ -483,27 +483,10 @@ class MtpEngine:
         if not info.get("n_layer_nextn"):
             return info
         self.n_embd = int(info["n_embd"])
-        cp = ll.llama_context_default_params()
-        cp.n_ctx = ll.llama_n_ctx(base.ctx)
-        cp.n_batch = ll.llama_n_batch(base.ctx)
-        cp.n_ubatch = ll.llama_n_ubatch(base.ctx)
-        cp.n_seq_max = 1
-        cp.n_threads = cp.n_threads_batch = int(info["n_threads"])
-        from harness.llamacpp.worker import _KV_TYPES
-
-        cp.type_k = _KV_TYPES[params.get("type_k", "f32")]
-        cp.type_v = _KV_TYPES[params.get("type_v", "f32")]
-        cp.flash_attn_type = (
-            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if params.get("flash_attn", False)
-            else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        cp.no_perf = True
+        cp = base.context_params(params)  # the trunk's sizes, threads, KV types, callback
         cp.ctx_type = ll.LLAMA_CONTEXT_TYPE_MTP
-        cp.n_rs_seq = 0
+        cp.n_rs_seq = 0  # the head's memory is attention only
         cp.ctx_other = base.ctx
-        cp.cb_eval = base._cb
-        cp.cb_eval_user_data = None
         self.ctx_mtp = ll.llama_init_from_model(base.model, cp)
         if not self.ctx_mtp:
             raise WorkerError("creating the MTP context failed (see its log below)", "load")

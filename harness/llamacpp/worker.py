@@ -128,26 +128,7 @@ class Engine:
         if not self.model:
             raise WorkerError(f"llama.cpp could not load {path} (see its log below)", "load")
 
-        n_threads = int(params.get("n_threads") or os.cpu_count() or 1)
-        cp = ll.llama_context_default_params()
-        cp.n_ctx = int(params.get("n_ctx", 512))
-        cp.n_batch = int(params.get("n_batch", cp.n_ctx))
-        cp.n_ubatch = int(params.get("n_ubatch", cp.n_batch))
-        cp.n_seq_max = 1
-        cp.n_rs_seq = int(params.get("n_rs_seq", 0))
-        cp.n_threads = n_threads
-        cp.n_threads_batch = n_threads
-        cp.type_k = _KV_TYPES[params.get("type_k", "f32")]
-        cp.type_v = _KV_TYPES[params.get("type_v", "f32")]
-        cp.flash_attn_type = (
-            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if params.get("flash_attn", False)
-            else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        cp.embeddings = False
-        cp.no_perf = True
-        cp.cb_eval = self._cb
-        cp.cb_eval_user_data = None
+        cp = self.context_params(params)
         self.ctx = ll.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise WorkerError("llama_init_from_model failed (see its log below)", "load")
@@ -165,7 +146,7 @@ class Engine:
             "n_ctx": ll.llama_n_ctx(self.ctx),
             "n_batch": ll.llama_n_batch(self.ctx),
             "n_ubatch": self.n_ubatch,
-            "n_threads": n_threads,
+            "n_threads": int(cp.n_threads),
             "type_k": params.get("type_k", "f32"),
             "type_v": params.get("type_v", "f32"),
             "flash_attn": bool(params.get("flash_attn", False)),
@@ -221,6 +202,32 @@ class Engine:
             self.n_past += len(part)
             chunks.append(self.graph)
         return self._write(chunks, logits)
+
+    def context_params(self, params: dict[str, Any]) -> Any:
+        """``llama_context_params`` from a :class:`ContextParams` record: one sequence, the
+        parity-first defaults, this engine's eval callback (every context it makes captures)."""
+        ll = self.ll
+        n_threads = int(params.get("n_threads") or os.cpu_count() or 1)
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = int(params.get("n_ctx", 512))
+        cp.n_batch = int(params.get("n_batch", cp.n_ctx))
+        cp.n_ubatch = int(params.get("n_ubatch", cp.n_batch))
+        cp.n_seq_max = 1
+        cp.n_rs_seq = int(params.get("n_rs_seq", 0))
+        cp.n_threads = n_threads
+        cp.n_threads_batch = n_threads
+        cp.type_k = _KV_TYPES[params.get("type_k", "f32")]
+        cp.type_v = _KV_TYPES[params.get("type_v", "f32")]
+        cp.flash_attn_type = (
+            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if params.get("flash_attn", False)
+            else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cp.embeddings = False
+        cp.no_perf = True
+        cp.cb_eval = self._cb
+        cp.cb_eval_user_data = None
+        return cp
 
     def decode(self, tokens: Sequence[int]) -> int:
         """``llama_decode`` of one batch at positions n_past.., sequence 0, logits for every
