@@ -11,17 +11,21 @@ from markupsafe import escape
 from rich.console import Console
 from rich.table import Table
 
-from harness.gate import GateRules, gate, load_baseline, load_run, save_baseline
+from harness.errors import InputError
+from harness.gate import GateRules, failures, gate, load_baseline, load_run, save_baseline
 from harness.report import Section
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("gate", help="compare a run folder with a stored baseline")
     p.add_argument("run", type=Path, help="a run folder (reports/<time>/) with parity/mtp/"
-                                          "throughput parquet files")
+                                          "throughput/verdicts parquet files")
     p.add_argument("--baseline", type=Path, required=True, help="baseline JSON file")
     p.add_argument("--update-baseline", action="store_true",
-                   help="write RUN's tables as the new baseline (the only way one is replaced)")
+                   help="write RUN's tables as the new baseline (the only way one is replaced); "
+                        "refused when RUN has a failure, unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="with --update-baseline: write it even from a failing run")
     p.add_argument("--nmse-factor", type=float, default=GateRules.nmse_factor)
     p.add_argument("--min-drop", type=float, default=GateRules.min_drop,
                    help="smallest relative tok/s drop ever flagged (default 0.10)")
@@ -61,11 +65,10 @@ def gate_section(found: pd.DataFrame, baseline: object) -> Section:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit 0 when the run passes the gate, 1 on regressions; bad input raises InputError (2)."""
     tables = load_run(args.run)
     if args.update_baseline:
-        path = save_baseline(tables, args.baseline)
-        print(f"baseline written: {path} ({', '.join(tables)})")
-        return 0
+        return update_baseline(tables, args)
     rules = GateRules(nmse_factor=args.nmse_factor, min_drop=args.min_drop)
     found = gate(load_baseline(args.baseline), tables, rules)
     console = Console(width=160)
@@ -73,4 +76,21 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"gate: PASS ({', '.join(tables)} against {args.baseline})")
         return 0
     console.print(regressions_table(found))
+    console.print(f"gate: FAIL ({len(found)} regression(s) against {args.baseline})")
     return 1
+
+
+def update_baseline(tables: dict[str, pd.DataFrame], args: argparse.Namespace) -> int:
+    """Write RUN as the baseline, unless it fails: a failing baseline would make its own
+    failures the standard every later run is held to."""
+    failed = failures(tables)
+    if not failed.empty and not args.force:
+        shown = "; ".join(f"{r.key} ({r.reason})" for r in failed.head(3).itertuples())
+        more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+        raise InputError(f"{args.run}: refusing to write a baseline from a failing run, "
+                         f"{len(failed)} failure(s): {shown}{more}; pass --force to write it "
+                         "anyway")
+    path = save_baseline(tables, args.baseline)
+    print(f"baseline written: {path} ({', '.join(tables)})"
+          + (f" with {len(failed)} failure(s), forced" if len(failed) else ""))
+    return 0

@@ -25,7 +25,7 @@ import pandas as pd
 from markupsafe import escape
 
 from harness.compare import Tolerance, compare_captures, first_divergence, nmse
-from harness.errors import InputError, PortFailure
+from harness.errors import InputError, PortFailure, describe_exception
 from harness.report import Section
 from harness.targets import REFERENCE, Target
 
@@ -531,8 +531,8 @@ class MtpRunner:
         except (InputError, PortFailure) as e:
             self.findings.append(f"{target.label} MTP on {prompt.case}/{prompt.name}: {e}")
             return MtpRun(prompt.case, prompt.name, target.label, None, error=str(e))
-        except Exception as e:  # a port that crashes is a finding, not a harness crash
-            msg = f"{type(e).__name__}: {e}"
+        except (Exception, SystemExit) as e:  # a port that crashes is a finding, not ours
+            msg = describe_exception(e)
             self.findings.append(f"{target.label} MTP on {prompt.case}/{prompt.name}: {msg}")
             return MtpRun(prompt.case, prompt.name, target.label, None, error=msg)
         nmse_max, top1 = draft_agreement(spec, replay_drafts(ref_model, spec))
@@ -658,7 +658,7 @@ def mtp_section(runs: Sequence[MtpRun]) -> Section:
                 + f'<td colspan="11">{escape(run.error)}</td></tr>'
             )
             continue
-        per_pos = ", ".join(_fmt(p, ".2f") for p in r.acceptance_per_pos)
+        per_pos = _acceptance_bars(r.acceptance_per_pos)
         cells = [
             escape(run.case),
             escape(run.prompt),
@@ -688,6 +688,18 @@ def mtp_section(runs: Sequence[MtpRun]) -> Section:
     )
     html = f'{note}<table class="mtp">{head}{"".join(body)}</table>'
     return Section("MTP speculative decoding", html)
+
+
+def _acceptance_bars(per_pos: Sequence[float]) -> str:
+    """Acceptance per draft position as a row of small bars (the value in each tooltip and as
+    text), so the fall-off with depth shows at a glance."""
+    bars = "".join(
+        f'<span class="accpos" title="draft position {i}: {_fmt(p, ".2f")}">'
+        f'<span style="width: {max(0.0, min(1.0, p)) * 100:.0f}%"></span></span>'
+        for i, p in enumerate(per_pos, start=1)
+        if not math.isnan(p)
+    )
+    return f'{bars} <span class="mono">{", ".join(_fmt(p, ".2f") for p in per_pos)}</span>'
 
 
 def _divergence(point: str) -> str:

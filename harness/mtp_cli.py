@@ -5,7 +5,8 @@ mtp: exit 0 when every backend kept its greedy output under speculation and draf
 reference's tokens with draft logits within the float32 NMSE tolerance (bfloat16/float16
 candidates need only the former), 1 otherwise, 2 bad input.  Ling-2.6 drafts against our
 reference's MTP head; Ling 3.0 against our MTP head on transformers' trunk (transformers has none).
-slopes: exit 0 when every backend uses the corrected formula and both diagnosis paths agree.
+slopes: exit 0 when every backend applies the checkpoint's convention (--slope; default
+corrected) and both diagnosis paths agree.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from harness.errors import InputError, PortFailure
+from harness.reporting import check_out_dir
 from harness.targets import REFERENCE, Target, get_backend, parse_targets
+from harness.verdict import CheckVerdict, RunVerdict, Status
 
 _LOW_PRECISION = ("bfloat16", "float16")
 
@@ -76,17 +80,15 @@ def add_parser(subparsers: Any) -> None:
         "--lengths", default="16,64,256,1024", help="context lengths for the error-growth table"
     )
     s.add_argument("--out", type=Path, help="output folder (empty or absent)")
+    s.add_argument("--slope", choices=("corrected", "hf_off_by_one", "auto"), default=None,
+                   help="the convention the checkpoint expects (auto: read off its own modeling "
+                        "code through hf_remote); default corrected, with a note")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "slopes":
         return run_slopes(args)
     return run_mtp(args)
-
-
-def _check_out(out: Path | None) -> None:
-    if out is not None and out.exists() and any(out.iterdir()):
-        raise InputError(f"{out}: exists and is not empty; a report is never overwritten")
 
 
 def _targets(args: argparse.Namespace) -> list[Target]:
@@ -109,7 +111,8 @@ def _available(target: Target, findings: list[str]) -> bool:
     return avail.ok
 
 
-def _write(title: str, name: str, findings: list[str], sections: list, out: Path | None) -> Path:
+def _write(title: str, name: str, findings: list[str], sections: list, out: Path | None,
+           extra=None, verdict: RunVerdict | None = None) -> Path:
     from harness.pytest_plugin import environment
     from harness.reporting import write_run
 
@@ -122,13 +125,15 @@ def _write(title: str, name: str, findings: list[str], sections: list, out: Path
         name=name,
         sections=sections,
         out=out,
+        extra=extra,
+        verdict=verdict,
     )
 
 
 def run_mtp(args: argparse.Namespace) -> int:
     from harness.mtp import MtpRunner, mtp_frame, mtp_section, save_mtp
 
-    _check_out(args.out)
+    check_out_dir(args.out)
     if args.steps < 1 or args.chain < 1:
         raise InputError("--steps and --chain must be >= 1")
     candidates = _targets(args)
@@ -138,15 +143,17 @@ def run_mtp(args: argparse.Namespace) -> int:
     for checkpoint, prompts in jobs:
         for prompt in prompts:
             runner.run(checkpoint, prompt, candidates)
+    df = mtp_frame(runner.runs)
+    verdict = mtp_verdict(runner.runs)
     out = _write(
         f"MTP: {', '.join(str(c) for c, _ in jobs)}",
         "mtp",
         runner.findings,
         [mtp_section(runner.runs)],
         args.out,
+        extra=lambda folder: save_mtp(df, folder),
+        verdict=verdict,
     )
-    df = mtp_frame(runner.runs)
-    save_mtp(df, out)
     cols = [
         "case",
         "prompt",
@@ -160,16 +167,27 @@ def run_mtp(args: argparse.Namespace) -> int:
     print(df[cols].to_string(index=False))
     for f in runner.findings:
         print(f"finding: {f}")
+    print(verdict.headline())
     print(f"report: {out / 'index.html'}")
-    bad = [
-        r
-        for r in runner.runs
-        if r.error
-        or not r.greedy_unchanged
-        or not (r.drafts_match_reference or r.backend.split(",")[0].endswith(_LOW_PRECISION))
-        or not r.draft_logits_ok
-    ]
-    return 1 if bad or not runner.runs else 0
+    return verdict.exit_code
+
+
+def mtp_verdict(runs: Sequence[Any]) -> RunVerdict:
+    """One check per backend run; the reference's own row checks that speculation kept its
+    greedy output."""
+    reference = Target.parse(REFERENCE).label
+    verdict = RunVerdict()
+    for r in runs:
+        low_precision = r.backend.split(",")[0].endswith(_LOW_PRECISION)
+        if r.error:
+            status = Status.ERROR
+        elif (r.greedy_unchanged and (r.drafts_match_reference or low_precision)
+              and r.draft_logits_ok):
+            status = Status.PASSED
+        else:
+            status = Status.FAILED
+        verdict.add(CheckVerdict(r.case, r.prompt, r.backend, reference, "mtp", status, r.error))
+    return verdict
 
 
 def _mtp_jobs(args: argparse.Namespace) -> list[tuple[Path, list[Any]]]:
@@ -199,14 +217,18 @@ def run_slopes(args: argparse.Namespace) -> int:
     from harness.slope_diagnostics import diagnose, formula_growth, reference_pair, slope_section
     from references.config import load_config
 
-    _check_out(args.out)
+    check_out_dir(args.out)
     lengths = _ints(args.lengths, "--lengths")
     if args.probe_length < 2:
         raise InputError("--probe-length must be >= 2")
+    from harness.slope_convention import resolve
+
     load_config(args.checkpoint)  # a clear InputError before anything loads
     checkpoint = args.checkpoint.resolve()
     targets = _targets(args)
-    findings: list[str] = []
+    convention = resolve(args.slope, checkpoint)
+    expected = convention.slope
+    findings: list[str] = [convention.note]
     refs = reference_pair(checkpoint)
     between = formula_growth(refs, lengths)
     verdicts = []
@@ -215,20 +237,21 @@ def run_slopes(args: argparse.Namespace) -> int:
             continue
         try:
             if target == Target.parse(REFERENCE):
-                loaded = refs["corrected"]
+                loaded = refs[expected]
             else:
                 loaded = get_backend(target.backend).load(checkpoint, target.options())
             v = diagnose(
-                target.label, loaded, refs, probe_length=args.probe_length, lengths=lengths
+                target.label, loaded, refs, probe_length=args.probe_length, lengths=lengths,
+                expected=expected,
             )
         except PortFailure as e:
             findings.append(f"{target.label}: {e}")
             continue
         verdicts.append(v)
         findings += [f"{target.label}: {n}" for n in v.notes]
-        if v.verdict != "corrected":
+        if v.verdict != expected:
             factors = ", ".join(f"l={d.layer}: f={d.factor:.5f}" for d in v.black_box)
-            findings.append(f"{target.label}: GLA decay is {v.verdict} (fitted {factors})")
+            findings.append(f"{convention.mismatch(target.label, v.verdict)} (fitted {factors})")
     out = _write(
         f"GLA slopes: {checkpoint}",
         "slopes",
@@ -236,7 +259,8 @@ def run_slopes(args: argparse.Namespace) -> int:
         [slope_section(verdicts, between)],
         args.out,
     )
-    (out / "slopes.json").write_text(json.dumps(_slopes_json(verdicts, between), indent=2))
+    (out / "slopes.json").write_text(json.dumps(
+        {"slope_convention": convention.to_json(), **_slopes_json(verdicts, between)}, indent=2))
     for v in verdicts:
         print(
             f"{v.backend}: {v.verdict} (exposed: "
@@ -249,7 +273,7 @@ def run_slopes(args: argparse.Namespace) -> int:
     for f in findings:
         print(f"finding: {f}")
     print(f"report: {out / 'index.html'}")
-    ok = verdicts and all(v.verdict == "corrected" and v.agree is not False for v in verdicts)
+    ok = verdicts and all(v.verdict == expected and v.agree is not False for v in verdicts)
     return 0 if ok and len(verdicts) == len(targets) else 1
 
 

@@ -125,5 +125,5 @@ def test_rules_are_adjustable():
 def _args(run: Path, baseline: Path, update: bool = False):
     from argparse import Namespace
 
-    return Namespace(run=run, baseline=baseline, update_baseline=update,
+    return Namespace(run=run, baseline=baseline, update_baseline=update, force=False,
                      nmse_factor=GateRules.nmse_factor, min_drop=GateRules.min_drop)

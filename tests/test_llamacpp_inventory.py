@@ -26,10 +26,13 @@ from harness.llamacpp.inventory import (
 from harness.llamacpp.tensor_maps import (
     BAILINGMOE3,
     LJ_BAILING_HYBRID,
+    OURS_BAILING_HYBRID,
+    PORT_MAP_KEY,
     PORT_MAPS,
     evaluate,
     layer_kinds,
     map_for_arch,
+    map_for_gguf,
 )
 from tests.test_llamacpp_convert import need_converter, write_raw_ling3
 
@@ -168,9 +171,18 @@ def test_fork_map_reproduces_the_published_ling26_layout() -> None:
         assert sum(int(np.prod(ne[n])) for n in names) == n_hf, names
 
 
+def test_a_bailing_hybrid_gguf_with_an_mla_rope_key_is_ours_else_the_forks() -> None:
+    meta = _ling26_flash_meta()
+    assert map_for_gguf(meta) is LJ_BAILING_HYBRID
+    meta["bailing_hybrid.rope.dimension_count_mla"] = 32
+    assert map_for_gguf(meta) is OURS_BAILING_HYBRID
+
+
 def test_maps_are_consistent() -> None:
     for name, port in PORT_MAPS.items():
-        assert port.name == name and map_for_arch(port.arch) is port
+        assert port.name == name and map_for_arch(port.arch).arch == port.arch
+        named = {"general.architecture": port.arch, PORT_MAP_KEY: name}
+        assert map_for_gguf(named) is port
     assert evaluate("kv_lora_rank+n_rot", {"kv_lora_rank": 512, "n_rot": 64}) == 576
     with pytest.raises(ValueError):
         evaluate("__import__('os')", {})

@@ -13,14 +13,18 @@ label when given):
 
 - ``outtype``: f32|f16|bf16|q8_0, overrides the dtype's outtype;
 - ``type_k`` / ``type_v``: KV cache type f32|f16|bf16|q8_0 (default f32: the f16 cache alone
-  costs ~1e-4 relative error); ``flash_attn``: 0/1 (default 0);
+  costs ~1e-4 relative error); ``type_v`` defaults to ``type_k``, since llama.cpp refuses
+  different K and V types on an MLA model (both families), which is an input error here;
+  ``flash_attn``: 0/1 (default 0);
 - ``n_ctx`` (default 4096), ``n_batch`` / ``n_ubatch`` (default 512: a longer prompt runs as
   several graphs, captures concatenated), ``n_threads`` (default: all cores);
 - ``tree``: a llama.cpp checkout whose converter to use (a fork); ``site``: a private site dir from
   ``python -m harness.llamacpp.build --site --patch ...`` to run a patched build;
   ``lib_path``: a directory holding a user's own libllama (as ``LLAMA_CPP_LIB_PATH``, which is
   honoured too), ABI-checked first (:mod:`harness.llamacpp.abi`);
-- ``gguf``: a GGUF to run instead of converting (still inventoried against the checkpoint);
+- ``gguf``: a GGUF to run instead of converting (still inventoried against the checkpoint); one
+  of another architecture, other shape-defining hyperparameters or element counts, or other
+  weights (its ``bailing_parity.fingerprint``, else a few dequantized norms) is an input error;
 - ``timeout``: seconds one feed may take before the worker counts as hung (default 300).
 """
 
@@ -114,7 +118,8 @@ def parse_options(options: BackendOptions) -> Settings:
         n_batch=n_batch,
         n_ubatch=min(n_ubatch, n_batch),
         type_k=extra.get("type_k", "f32"),
-        type_v=extra.get("type_v", "f32"),
+        # V follows K unless given: MLA models (every family here) need equal K and V types
+        type_v=extra.get("type_v", extra.get("type_k", "f32")),
         n_threads=_positive("n_threads", extra["n_threads"]) if "n_threads" in extra else None,
         flash_attn=_flag("flash_attn", extra["flash_attn"]) if "flash_attn" in extra else False,
     )
@@ -152,9 +157,10 @@ def prepare_gguf(checkpoint_dir: Path, settings: Settings) -> PreparedGguf:
     """ABI-check a foreign library first (before any work), read config.json, convert (cached)
     unless the user gave a GGUF, and inventory the GGUF against the checkpoint."""
     from harness.families import family_of
-    from harness.llamacpp import abi
+    from harness.llamacpp import abi, identity
     from harness.llamacpp.convert import convert
-    from harness.llamacpp.inventory import inventory, render
+    from harness.llamacpp.inventory import inventory, read_gguf, render
+    from harness.llamacpp.tensor_maps import PORT_MAPS
 
     checkpoint = Path(checkpoint_dir).expanduser().resolve()
     env = None
@@ -171,6 +177,8 @@ def prepare_gguf(checkpoint_dir: Path, settings: Settings) -> PreparedGguf:
     if settings.gguf is not None:
         gguf = settings.gguf.resolve()
         findings.append(f"GGUF given by the user, not converted here: {gguf}")
+        meta, _ = read_gguf(gguf)
+        identity.check_architecture(gguf, str(meta.get("general.architecture", "")), family)
     else:
         conv = convert(checkpoint, settings.outtype, tree=settings.tree)
         findings += conv.findings
@@ -179,9 +187,26 @@ def prepare_gguf(checkpoint_dir: Path, settings: Settings) -> PreparedGguf:
                 f"{conv.reason}; the checkpoint is {family.name} ({family.architecture})"
             )
         gguf = conv.require()
+        meta, _ = read_gguf(gguf)
+    _check_kv_types(settings, meta)
     inv = inventory(gguf, checkpoint)
+    if settings.gguf is not None:
+        keys = PORT_MAPS[inv.port].config_keys if inv.port else {}
+        findings += identity.check_user_gguf(gguf, checkpoint, meta, inv, config, keys)
     inv_findings = render(inv)
     return PreparedGguf(gguf, env, family, [*findings, *inv_findings], inv, inv_findings, config)
+
+
+def _check_kv_types(settings: Settings, meta: dict[str, Any]) -> None:
+    """llama.cpp refuses different K and V cache types on an MLA model: say so before loading."""
+    p = settings.params
+    arch = meta.get("general.architecture", "")
+    if p.type_k != p.type_v and f"{arch}.attention.key_length_mla" in meta:
+        raise InputError(
+            f"llamacpp: type_k={p.type_k} and type_v={p.type_v} differ, but {arch} is an MLA "
+            f"model and llama.cpp needs equal K and V cache types (give type_k alone: type_v "
+            "follows it)"
+        )
 
 
 class LlamaCppBackend:

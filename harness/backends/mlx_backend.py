@@ -395,6 +395,11 @@ def _to_numpy(value: Any) -> np.ndarray:
     """float64 (int64 for integer arrays) with the batch axis dropped; bf16 goes via float32."""
     import mlx.core as mx
 
+    if not isinstance(value, mx.array) or value.ndim < 1:
+        shape = getattr(value, "shape", None)
+        raise PortFailure(f"the MLX model returned {type(value).__name__}"
+                          f"{f' of shape {tuple(shape)}' if shape is not None else ''} where an "
+                          "array with a batch axis was expected (returned no logits?)")
     if mx.issubdtype(value.dtype, mx.integer):
         return np.array(value.astype(mx.int64), copy=True)[0]
     return np.array(value.astype(mx.float32), copy=True).astype(np.float64)[0]

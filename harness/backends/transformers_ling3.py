@@ -73,6 +73,9 @@ def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLin
     from references.ling3.config import load_config
 
     cfg = load_config(checkpoint_dir)  # names a bad key before transformers guesses around it
+    from references.checkpoint_io import weight_files
+
+    weight_files(checkpoint_dir)  # a tensor in two files is refused before transformers picks one
     dtype = getattr(torch, options.dtype)
     experts = options.extra.get(
         "experts_implementation", "eager" if options.dtype == "float64" else None

@@ -32,8 +32,11 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from harness import lifecycle
+from harness.progress import Event, Progress, follow_log, ninja_step
 
 DEFAULT_VERSION = "0.3.36"
 # What the harness never needs: mtmd (multimodal), llama.cpp's tests/tools/examples/server.
@@ -62,10 +65,15 @@ def _run(
     env: dict[str, str] | None = None,
     log: Path | None = None,
     what: str,
+    watch: Callable[[str], Event | None] | None = None,
 ) -> None:
-    """Run a command; on failure raise BuildError with the log tail (full log kept on disk)."""
-    with tempfile.TemporaryFile() if log is None else log.open("w+b") as fh:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    """Run a command; on failure raise BuildError with the log tail (full log kept on disk).
+    With ``watch`` and a log, the log is followed as it grows and shown as progress."""
+    with (tempfile.TemporaryFile() if log is None else log.open("w+b") as fh,
+          Progress(what) if watch else contextlib.nullcontext() as progress,
+          follow_log(log, progress, watch) if watch and log else contextlib.nullcontext()):
+        # its own process group: a SIGTERM of the harness stops pip, cmake and the compilers
+        proc = lifecycle.run_as_group(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             fh.seek(0)
             tail = fh.read().decode(errors="replace").splitlines()[-40:]
@@ -216,6 +224,26 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# Stages of `pip wheel` before and after the compiler runs (ninja's [k/N] lines in between).
+_BUILD_STAGES = (
+    ("Installing build dependencies", "installing build dependencies"),
+    ("-- Configuring", "cmake: configuring"),
+    ("-- Generating", "cmake: generating"),
+    ("Building wheel for", "compiling"),
+    ("Created wheel for", "wheel created"),
+)
+
+
+def build_event(line: str) -> Event | None:
+    """Progress from one line of the build log: the compile step (ninja) or the stage."""
+    if step := ninja_step(line):
+        return step
+    for marker, status in _BUILD_STAGES:
+        if marker in line:
+            return Event(status)
+    return None
+
+
 def _build(
     version: str, cmake_args: str, patches: Sequence[Path], key: str, wheel_dir: Path
 ) -> Path:
@@ -253,7 +281,8 @@ def _build(
             ],
             env=env,
             log=log,
-            what=f"building llama-cpp-python {version}",
+            what=f"building llama-cpp-python {version} (log: {log})",
+            watch=build_event,
         )
         built = sorted(out.glob("llama_cpp_python-*.whl"))
         if not built:
@@ -395,19 +424,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sdist-tree", action="store_true", help="print the extracted sdist instead")
     args = ap.parse_args(argv)
     try:
-        if args.sdist_tree:
-            print(sdist_tree(args.version))
-            return 0
-        fn = ensure_installed if args.install else ensure_site if args.site else ensure_wheel
-        patches = list(args.patch)
-        if args.with_our_port:
-            from ports.llamacpp.port import patches as our_patches
+        with lifecycle.termination_handling():
+            if args.sdist_tree:
+                print(sdist_tree(args.version))
+                return 0
+            fn = ensure_installed if args.install else ensure_site if args.site else ensure_wheel
+            patches = list(args.patch)
+            if args.with_our_port:
+                from ports.llamacpp.port import patches as our_patches
 
-            patches = [*our_patches(), *patches]
-        print(fn(args.version, args.cmake_args, patches))
+                patches = [*our_patches(), *patches]
+            print(fn(args.version, args.cmake_args, patches))
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except lifecycle.Terminated as e:
+        print(f"error: {e}; the build's processes were stopped", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -8,6 +8,7 @@ the signal or exit code, and the last lines of llama.cpp's log; the child is alw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,8 +17,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+import weakref
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from harness import lifecycle
 from harness.errors import InputError, PortFailure
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKDIR_PREFIX = "bailing-llamacpp-"  # in the system temp dir
 STDERR_TAIL_LINES = 20
 KEY_LINES = 8
 _KEY_LINE = re.compile(r"GGML_ASSERT|GGML_ABORT|error|failed|Fatal|terminate called", re.IGNORECASE)
@@ -94,6 +97,23 @@ def _token_axis(parts: Sequence[np.ndarray], lengths: Sequence[int]) -> int:
     raise ValueError(f"no token axis in shapes {[p.shape for p in parts]} for lengths {lengths}")
 
 
+def _release(proc: subprocess.Popen | None, stderr: Any, lock_fd: int, workdir: Path) -> None:
+    """Kill and reap the child if it still runs, close the pipes, remove the work dir (its npz
+    files and log with it) and drop the folder's owner lock.  Safe during interpreter exit."""
+    if proc is not None:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+    stderr.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.close(lock_fd)
+
+
 def _describe_exit(rc: int | None) -> str:
     if rc is None:
         return "still running"
@@ -130,10 +150,12 @@ class WorkerClient:
         self.timeout = timeout
         self.load_timeout = load_timeout
         self.label = label
-        self._workdir = Path(tempfile.mkdtemp(prefix="bailing-llamacpp-"))
+        # The child's npz files and log live in this folder; it is removed with the child, and
+        # a folder left by a harness killed outright is swept by the next one (its lock is free).
+        self._workdir, lock_fd = lifecycle.owned_tempdir(WORKDIR_PREFIX)
         self._stderr_path = self._workdir / "worker.stderr"
         self._stderr = self._stderr_path.open("wb")
-        child_env = dict(os.environ if env is None else env)
+        child_env = lifecycle.child_env(dict(os.environ if env is None else env))
         child_env["PYTHONPATH"] = os.pathsep.join(
             [*([str(site)] if site else []), str(_REPO_ROOT)]
             + [p for p in [child_env.get("PYTHONPATH")] if p]
@@ -141,14 +163,24 @@ class WorkerClient:
         child_env.setdefault("PYTHONFAULTHANDLER", "1")  # Python-level tracebacks on SIGSEGV
         if not backtrace:
             child_env.setdefault("GGML_NO_BACKTRACE", "1")
-        self._proc = subprocess.Popen(
-            [python, "-m", module, str(self._workdir)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            env=child_env,
-            cwd=str(self._workdir),
+        try:
+            self._proc = subprocess.Popen(
+                [python, "-m", module, str(self._workdir)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                env=child_env,
+                cwd=str(self._workdir),
+            )
+        except BaseException:
+            _release(None, self._stderr, lock_fd, self._workdir)
+            raise
+        # Runs once: from close(), when the client is collected, or at interpreter exit.
+        self._finalizer = weakref.finalize(
+            self, _release, self._proc, self._stderr, lock_fd, self._workdir
         )
+        lifecycle.track_child(self._finalizer)
+        self._busy = False  # a request is in flight: the child cannot answer a polite close
         self._buf = b""
         self.info: dict[str, Any] = {}
         self.params: ContextParams | None = None
@@ -161,37 +193,31 @@ class WorkerClient:
         self.close()
 
     def close(self) -> None:
-        """Ask the child to exit, kill it if it does not, and remove the temp dir."""
+        """Ask an idle child to exit, kill it otherwise, reap it and remove the temp dir.
+
+        A child interrupted mid-request (the harness is terminating, or the request raised)
+        is still computing and would not read a close before it finishes: it is killed.
+        """
         proc = self._proc
-        if proc.poll() is None:
+        if proc.poll() is None and not self._busy and self._finalizer.alive:
             try:
                 assert proc.stdin is not None
                 proc.stdin.write(b'{"op": "close"}\n')
                 proc.stdin.flush()
                 proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
-                proc.kill()
-                proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
-        self._stderr.close()
-        shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def __del__(self) -> None:  # last resort; close() is the contract
-        proc = getattr(self, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.kill()
+                pass
+        self._finalizer()
 
     @property
     def alive(self) -> bool:
         return self._proc.poll() is None
 
     def _stderr_lines(self) -> list[str]:
-        self._stderr.flush()
         try:
+            self._stderr.flush()
             return self._stderr_path.read_bytes().decode(errors="replace").splitlines()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: closed, the worker is released
             return []
 
     def stderr_tail(self, n: int = STDERR_TAIL_LINES) -> str:
@@ -225,6 +251,19 @@ class WorkerClient:
         """Send one request and wait for its reply; PortFailure on crash, hang or error reply."""
         if not self.alive:
             raise self._failure(doing, f"is not running ({_describe_exit(self._proc.returncode)})")
+        self._busy = True
+        reply = self._exchange(req, doing=doing, timeout=timeout)
+        self._busy = False
+        if not reply.get("ok"):
+            kind, err = reply.get("kind", "error"), reply.get("error", "")
+            if kind == "input":
+                raise InputError(err)
+            raise self._failure(doing, f"reported a {kind} error: {err}")
+        return reply
+
+    def _exchange(self, req: dict[str, Any], *, doing: str, timeout: float | None) -> dict:
+        """Write one request line and read one reply line (PortFailure if the child dies or
+        hangs).  Any exception leaves ``_busy`` set: the child's answer is still owed."""
         proc = self._proc
         assert proc.stdin is not None and proc.stdout is not None
         try:
@@ -233,6 +272,8 @@ class WorkerClient:
         except BrokenPipeError:
             proc.wait()
             raise self._failure(doing, _describe_exit(proc.returncode)) from None
+        if req.get("op") == "feed":
+            lifecycle.stage("capturing")
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         fd = proc.stdout.fileno()
@@ -250,13 +291,7 @@ class WorkerClient:
                 raise self._failure(doing, _describe_exit(proc.returncode))
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            kind, err = reply.get("kind", "error"), reply.get("error", "")
-            if kind == "input":
-                raise InputError(err)
-            raise self._failure(doing, f"reported a {kind} error: {err}")
-        return reply
+        return json.loads(line)
 
     # --- API --------------------------------------------------------------------------------
     def load(self, gguf: Path, params: ContextParams | None = None) -> dict[str, Any]:

@@ -14,12 +14,19 @@ a checkpoint that does not need a fix gets none and no finding.
 
 Results are cached under ``<cache>/gguf/<key>/`` with key = hash(checkpoint files' bytes,
 converter sources, outtype, STAGING_VERSION); an architecture the tree cannot convert is cached
-as such too, so a suite asks once.
+as such too, so a suite asks once.  An entry appears complete or not at all
+(:func:`harness.atomic.staged_dir`), holds ``gguf.record.json`` (size + digest of the GGUF's
+header and sampled blocks), and is checked against it before use: a truncated or corrupted entry
+is removed and rebuilt, with a finding naming it.  The GGUF carries ``bailing_parity.fingerprint``
+(the checkpoint's sampled-weights hash) and, for our port, ``bailing_parity.port_map``, added by
+the shim through gguf-py's writer.  A tensor in two files, or tensors config.json does not account
+for, are input errors before the converter runs; allowed extras are left out of the staged copy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -27,17 +34,20 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from harness import lifecycle
 from harness.errors import ArchitectureNotSupported, InputError, PortFailure
+from harness.progress import Progress, converter_tensor, follow_log
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-STAGING_VERSION = 1  # bump when the staging rules change: invalidates cached conversions
+STAGING_VERSION = 2  # bump when the staging rules change: invalidates cached conversions
+RECORD_NAME = "gguf.record.json"  # size + digest of the cached GGUF, checked before use
+KV_FILE = ".bailing_parity_kv.json"  # in the staged dir: keys the shim adds to the GGUF
 SHIM_MARKER = "BAILING_PARITY_SHIM "
 LOG_TAIL_LINES = 30
 # Names a checkpoint may carry that mean an architecture under another name (transformers'
@@ -358,6 +368,97 @@ def _fix_tokenizer(st: Staged, src: Path) -> None:
     )
 
 
+def _extra_tensors(checkpoint: Path, config: dict[str, Any]) -> list[str]:
+    """Tensors a Ling-2.6 config does not account for (InputError unless extras are allowed);
+    every family: a tensor in two files is refused.  A config the reference cannot read is left
+    to the converter (its failure on it is a finding about the port)."""
+    from references.checkpoint_io import check_extra_tensors, unaccounted, weight_files
+
+    where = weight_files(checkpoint)
+    try:
+        from harness.families import family_of
+        from references.checkpoint_spec import expected_tensors
+
+        family = family_of(config, checkpoint / "config.json")
+        if family.name != "ling26":
+            return []
+        cfg = family.validate_config(config, checkpoint / "config.json")
+    except InputError:
+        return []
+    extra = unaccounted(where, {s.name for s in expected_tensors(cfg)})
+    check_extra_tensors(checkpoint, extra)
+    return extra
+
+
+def _stage_file(src: Path, dst: Path, drop: Sequence[str]) -> None:
+    """Symlink ``src`` into the staged copy, or write it without the ``drop`` tensors."""
+    from references.checkpoint_io import INDEX_NAME
+
+    drop_set = set(drop)
+    if src.name == INDEX_NAME and drop_set:
+        index = json.loads(src.read_text())
+        index["weight_map"] = {
+            k: v for k, v in index["weight_map"].items() if k not in drop_set
+        }
+        dst.write_text(json.dumps(index, indent=2))
+    elif src.suffix == ".safetensors" and drop_set & set(tensor_shapes_of(src)):
+        _write_safetensors_without(src, dst, drop_set)
+    else:
+        dst.symlink_to(src.resolve())
+
+
+def tensor_shapes_of(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of one safetensors file (its header only)."""
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _write_safetensors_without(src: Path, dst: Path, drop: set[str]) -> None:
+    """A copy of ``src`` without ``drop``: kept tensors' bytes copied as they are."""
+    with src.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        start = 8 + n
+        kept = sorted(
+            (k for k in header if k != "__metadata__" and k not in drop),
+            key=lambda k: header[k]["data_offsets"][0],
+        )
+        new: dict[str, Any] = {}
+        if "__metadata__" in header:
+            new["__metadata__"] = header["__metadata__"]
+        offset = 0
+        for k in kept:
+            lo, hi = header[k]["data_offsets"]
+            new[k] = {**header[k], "data_offsets": [offset, offset + hi - lo]}
+            offset += hi - lo
+        blob = json.dumps(new).encode()
+        blob += b" " * (-len(blob) % 8)
+        with dst.open("wb") as out:
+            out.write(struct.pack("<Q", len(blob)) + blob)
+            for k in kept:
+                lo, hi = header[k]["data_offsets"]
+                fh.seek(start + lo)
+                out.write(fh.read(hi - lo))
+
+
+def _port_map(tree: Path, config: dict[str, Any]) -> str | None:
+    """Our port's tensor map name when ``tree`` is our port's converter (a cached copy under
+    ``<cache>/port-convert``) and the checkpoint is Ling-2.6; else None."""
+    from harness.llamacpp.build import cache_root
+
+    try:
+        from ports.llamacpp.port import PORT_NAME
+    except ImportError:
+        return None
+    ours = (cache_root() / "port-convert").resolve()
+    arch = _canonical_architecture(config, Path("config.json"))
+    if arch == "BailingMoeV2_5ForCausalLM" and ours in Path(tree).resolve().parents:
+        return PORT_NAME
+    return None
+
+
 def stage(checkpoint: Path, into: Path, tree: Path) -> Staged:
     """A converter-ready copy of ``checkpoint`` in ``into``: weights symlinked, config fixed."""
     cfg_path = checkpoint / "config.json"
@@ -366,10 +467,20 @@ def stage(checkpoint: Path, into: Path, tree: Path) -> Staged:
     except (OSError, ValueError) as e:
         raise InputError(f"{cfg_path}: cannot read config.json ({e})") from None
     into.mkdir(parents=True, exist_ok=True)
+    st = Staged(path=into, config=config, source_name=checkpoint.name)
+    extra = _extra_tensors(checkpoint, config)
     for f in checkpoint_files(checkpoint):
         if f.name != "config.json":
-            (into / f.name).symlink_to(f.resolve())
-    st = Staged(path=into, config=config, source_name=checkpoint.name)
+            _stage_file(f, into / f.name, extra)
+    if extra:
+        st.findings.append(
+            f"{len(extra)} checkpoint tensor(s) config.json does not account for were left out "
+            f"of the staged copy (extra tensors allowed): {', '.join(extra[:5])}"
+            + (f" (and {len(extra) - 5} more)" if len(extra) > 5 else "")
+        )
+    from harness.llamacpp.identity import metadata_for
+
+    (into / KV_FILE).write_text(json.dumps(metadata_for(checkpoint, _port_map(tree, config))))
     _fix_architecture(st, checkpoint)
     _fix_key_names(st, tree)
     _fix_ling3_keys(st, tensor_shapes(checkpoint))
@@ -380,8 +491,12 @@ def stage(checkpoint: Path, into: Path, tree: Path) -> Staged:
 
 # --- running the converter --------------------------------------------------------------------
 # Runs the tree's converter as its own __main__ would, with at most two declared overrides that
-# are printed (SHIM_MARKER lines) when they take effect, so findings report what happened.
+# are printed (SHIM_MARKER lines) when they take effect, so findings report what happened; the
+# bailing_parity.* keys staged in KV_FILE are added to every GGUF it writes (through gguf-py's
+# own GGUFWriter, before its header is written: no second pass over the tensor data).
 _SHIM = r"""
+from harness.lifecycle import die_with_parent
+die_with_parent()  # a SIGKILLed harness leaves no converter running
 import json, runpy, sys
 tree, bypass, marker = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.path.insert(0, tree)
@@ -422,15 +537,27 @@ if mb is not None:
     for c in classes(mb):
         if "get_vocab_base_pre" in vars(c):
             c.get_vocab_base_pre = named_default(vars(c)["get_vocab_base_pre"])
+import os
+kv_file = os.path.join(sys.argv[1], KV_FILE)
+if os.path.isfile(kv_file):
+    import gguf
+    with open(kv_file) as fh:
+        kv = json.load(fh)
+    write_header = gguf.GGUFWriter.write_header_to_file
+    def write_header_with_kv(self, *a, **k):
+        for key, value in kv.items():
+            self.add_string(key, value)
+        return write_header(self, *a, **k)
+    gguf.GGUFWriter.write_header_to_file = write_header_with_kv
 g["main"]()
-"""
+""".replace("KV_FILE", repr(KV_FILE))
 
 
 def _run_converter(
     tree: Path, staged: Staged, outfile: Path, outtype: str, log: Path, timeout: float
 ) -> tuple[int, list[dict[str, Any]]]:
     """Run the shimmed converter; return (exit code, shim events)."""
-    env = dict(os.environ)
+    env = lifecycle.child_env(dict(os.environ))
     env["PYTHONPATH"] = os.pathsep.join(
         [str(tree / "gguf-py")] + [p for p in [env.get("PYTHONPATH")] if p]
     )
@@ -450,7 +577,9 @@ def _run_converter(
         "--model-name",
         staged.source_name,
     ]
-    with log.open("w+b") as fh:
+    with (log.open("w+b") as fh,
+          Progress(f"converting {staged.source_name} to GGUF ({outtype})") as progress,
+          follow_log(log, progress, converter_tensor)):
         try:
             proc = subprocess.run(
                 cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=log.parent
@@ -536,51 +665,99 @@ def convert(
     key = cache_key(checkpoint, root, outtype)
     out_dir = (cache or cache_dir()) / key
     result_path = out_dir / "conversion.json"
-    if not force and result_path.is_file():
-        return _load_result(result_path)
+    if not force:
+        with contextlib.suppress(StaleCacheEntry):  # rechecked, and rebuilt, under the lock
+            if (hit := _cached(result_path)) is not None:
+                return hit
 
     from harness.llamacpp.build import _locked
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out_dir.parent / f".{key}.lock"):
-        if not force and result_path.is_file():
-            return _load_result(result_path)
-        work = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out_dir.parent))
-        try:
-            staged = stage(checkpoint, work / "staged", root)
-            arch = (staged.config.get("architectures") or ["?"])[0]
-            outfile = work / f"model-{outtype}.gguf"
-            t0 = time.monotonic()
-            log = work / "convert.log"
-            rc, events = _run_converter(root, staged, outfile, outtype, log, timeout)
-            seconds = round(time.monotonic() - t0, 2)
-            log_text = (work / "convert.log").read_text(errors="replace")
-            findings = tuple(staged.findings + _shim_findings(staged, events))
-            if rc != 0 or not outfile.is_file():
-                reason = _unsupported_reason(log_text, arch, root)
-                if reason is None:
-                    why = "timed out" if rc == -9 else f"exited with code {rc}"
-                    raise ConversionFailed(
-                        f"convert_hf_to_gguf.py ({root}) {why} on {checkpoint} ({arch}, {outtype})"
-                        + "".join(f"\n  after staging: {f}" for f in findings)
-                        + f"\n--- converter log tail ---\n{_tail(log_text)}"
-                    )
-                result = Conversion(
-                    None, outtype, arch, root / "convert_hf_to_gguf.py", findings, False, reason,
-                    seconds=seconds,
+        rebuilt = None
+        if not force:
+            try:
+                if (hit := _cached(result_path)) is not None:
+                    return hit
+            except StaleCacheEntry as stale:
+                rebuilt = f"{stale}: removed and rebuilt"
+                shutil.rmtree(out_dir, ignore_errors=True)
+        result = _convert_into(checkpoint, root, outtype, out_dir, timeout)
+    if rebuilt:
+        result = replace(result, findings=(*result.findings, rebuilt))
+    return result
+
+
+def _convert_into(
+    checkpoint: Path, root: Path, outtype: str, out_dir: Path, timeout: float
+) -> Conversion:
+    """Run the converter in a temporary sibling of ``out_dir``, renamed to it once complete
+    (removed on any exception, KeyboardInterrupt and termination included)."""
+    from harness.atomic import staged_dir
+    from harness.llamacpp.identity import file_record
+
+    with staged_dir(out_dir, replace=True) as work:
+        staged = stage(checkpoint, work / "staged", root)
+        arch = (staged.config.get("architectures") or ["?"])[0]
+        outfile = work / f"model-{outtype}.gguf"
+        t0 = time.monotonic()
+        log = work / "convert.log"
+        rc, events = _run_converter(root, staged, outfile, outtype, log, timeout)
+        seconds = round(time.monotonic() - t0, 2)
+        log_text = log.read_text(errors="replace")
+        findings = tuple(staged.findings + _shim_findings(staged, events))
+        if rc != 0 or not outfile.is_file():
+            reason = _unsupported_reason(log_text, arch, root)
+            if reason is None:
+                why = "timed out" if rc == -9 else f"exited with code {rc}"
+                raise ConversionFailed(
+                    f"convert_hf_to_gguf.py ({root}) {why} on {checkpoint} ({arch}, {outtype})"
+                    + "".join(f"\n  after staging: {f}" for f in findings)
+                    + f"\n--- converter log tail ---\n{_tail(log_text)}"
                 )
-            else:
-                result = Conversion(
-                    out_dir / outfile.name, outtype, arch, root / "convert_hf_to_gguf.py",
-                    findings, seconds=seconds,
-                )
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            (work / "staged").rename(work / "staged-copy")  # kept for inspection, symlinks only
-            _save_result(work / "conversion.json", result)
-            work.rename(out_dir)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            result = Conversion(
+                None, outtype, arch, root / "convert_hf_to_gguf.py", findings, False, reason,
+                seconds=seconds,
+            )
+        else:
+            result = Conversion(
+                out_dir / outfile.name, outtype, arch, root / "convert_hf_to_gguf.py",
+                findings, seconds=seconds,
+            )
+            (work / RECORD_NAME).write_text(json.dumps(file_record(outfile), indent=2))
+        for copy in (work / "staged").glob("*.safetensors"):
+            if not copy.is_symlink():
+                copy.unlink()  # a copy without extra tensors: not worth its disk space
+        (work / "staged").rename(work / "staged-copy")  # kept for inspection
+        _save_result(work / "conversion.json", result)
+    return result
+
+
+class StaleCacheEntry(Exception):
+    """A cache entry whose GGUF no longer matches the record written at conversion time."""
+
+
+def _cached(result_path: Path) -> Conversion | None:
+    """The cached conversion, None when there is none, StaleCacheEntry when its GGUF no longer
+    matches its record (truncated, corrupted in place, lost, or no record at all)."""
+    from harness.llamacpp.identity import record_mismatch
+
+    if not result_path.is_file():
+        return None
+    entry = result_path.parent
+    try:
+        result = _load_result(result_path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StaleCacheEntry(f"cache entry {entry}: unreadable conversion.json ({e})") from None
+    if result.gguf is None:
+        return result
+    try:
+        record = json.loads((entry / RECORD_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise StaleCacheEntry(f"cache entry {entry}: no readable {RECORD_NAME} ({e})") from None
+    why = record_mismatch(result.gguf, record)
+    if why is not None:
+        raise StaleCacheEntry(f"cache entry {entry}: {why}")
     return result
 
 
@@ -595,8 +772,6 @@ def _save_result(path: Path, result: Conversion) -> None:
 def _load_result(path: Path) -> Conversion:
     d = json.loads(path.read_text())
     gguf = path.parent / d["gguf"] if d.get("gguf") else None
-    if gguf is not None and not gguf.is_file():
-        raise InputError(f"cached conversion {path} lost its GGUF; remove {path.parent}")
     return Conversion(
         gguf=gguf,
         outtype=d["outtype"],

@@ -27,7 +27,7 @@ from harness.llamacpp.tensor_maps import (
     evaluate,
     hf_pattern,
     layer_kinds,
-    map_for_arch,
+    map_for_gguf,
     split_layer,
 )
 
@@ -225,14 +225,14 @@ def inventory(
     gguf = Path(gguf)
     meta, tensors = read_gguf(gguf)
     arch = str(meta.get("general.architecture", ""))
-    pmap = PORT_MAPS.get(port) if port else map_for_arch(arch)
+    pmap = PORT_MAPS.get(port) if port else map_for_gguf(meta)
     if port and pmap is None:
         raise InputError(f"unknown port tensor map {port!r}; known: {', '.join(PORT_MAPS)}")
     inv = Inventory(gguf=gguf, arch=arch, port=pmap.name if pmap else None, n_tensors=len(tensors))
     if pmap is None:
         inv.notes.append(
             f"no tensor map for GGUF architecture {arch!r} (known: "
-            f"{', '.join(m.arch for m in PORT_MAPS.values())}): tensors not accounted for"
+            f"{', '.join(sorted({m.arch for m in PORT_MAPS.values()}))}): tensors not accounted for"
         )
         return inv
     inv.missing_keys = [f"{arch}.{k}" for k in pmap.required_keys if f"{arch}.{k}" not in meta]

@@ -19,6 +19,10 @@ Ports:
 - ``ljubomirj-bailing_hybrid``: the known Ling-2.6-flash fork (ljubomirj/llama.cpp, branch
   LJ-Ling-2.6-flash-r2), from ``/work/shared/docs/ling26-architecture.md`` §5.2-5.3 (not built
   here: upstream has no Ling-2.6, so this map serves GGUFs made by that fork's converter).
+- ``ours-bailing_hybrid``: our port (``ports/llamacpp``), the fork's layout plus
+  ``rope.dimension_count_mla`` (MLA rotary dims, written when they differ from the GLA ones).
+  Our conversion names the map in the GGUF (``bailing_parity.port_map``); a GGUF carrying
+  ``rope.dimension_count_mla`` is ours too.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # Variable -> GGUF key suffix (after "<arch>.") it is read from, in order of preference.
@@ -41,6 +45,8 @@ VARIABLES: dict[str, tuple[str, ...]] = {
     "q_lora_rank": ("attention.q_lora_rank",),
     "kv_lora_rank": ("attention.kv_lora_rank",),
     "n_rot": ("rope.dimension_count",),
+    # MLA rotary dims: our port writes them apart only when they differ from the GLA ones
+    "n_rot_mla": ("rope.dimension_count_mla", "rope.dimension_count"),
     "key_length": ("attention.key_length",),
     "value_length": ("attention.value_length",),
     "key_length_mla": ("attention.key_length_mla",),
@@ -88,6 +94,8 @@ class PortTensorMap:
     config_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     mtp_kinds: tuple[str, ...] = ("mla", "moe", "mtp")
     note: str = ""
+    # GGUF key suffixes only this port writes (tells it from another port of the same arch)
+    marker_keys: tuple[str, ...] = ()
 
 
 _EMB = ("n_embd",)
@@ -108,7 +116,7 @@ _COMMON_LAYER: tuple[TensorRule, ...] = (
     rule(
         "attention.kv_a_proj_with_mqa.weight",
         "attn_kv_a_mqa.weight",
-        ("n_embd", "kv_lora_rank+n_rot"),
+        ("n_embd", "kv_lora_rank+n_rot_mla"),
         when="mla",
     ),
     rule("attention.kv_a_layernorm.weight", "attn_kv_a_norm.weight", ("kv_lora_rank",),
@@ -116,7 +124,7 @@ _COMMON_LAYER: tuple[TensorRule, ...] = (
     rule(
         "attention.kv_b_proj.weight",
         ("attn_k_b.weight", "attn_v_b.weight"),
-        ("key_length_mla-n_rot", "kv_lora_rank", "n_head"),
+        ("key_length_mla-n_rot_mla", "kv_lora_rank", "n_head"),
         ("kv_lora_rank", "value_length_mla", "n_head"),
         when="mla",
     ),
@@ -282,12 +290,56 @@ LJ_BAILING_HYBRID = PortTensorMap(
     note="ljubomirj/llama.cpp LJ-Ling-2.6-flash-r2, per ling26-architecture.md §5 (not built here)",
 )
 
-PORT_MAPS: dict[str, PortTensorMap] = {m.name: m for m in (BAILINGMOE3, LJ_BAILING_HYBRID)}
+# Our Ling-2.6 port (ports/llamacpp): the fork's layout, plus rope.dimension_count_mla when the
+# MLA rotary dims differ from the GLA ones and a GLA width n_head*key_length that need not be the
+# hidden size; q_lora_rank is written only when the config has one.
+_GLA_WIDTH = "n_head*key_length"
+OURS_BAILING_HYBRID = replace(
+    LJ_BAILING_HYBRID,
+    name="ours-bailing_hybrid",
+    layer_rules=(
+        *_COMMON_LAYER,
+        rule("attention.query_key_value.weight", "attn_qkv.weight", ("n_embd", f"3*{_GLA_WIDTH}"),
+             when="gla"),
+        rule("attention.query_layernorm.weight", "attn_q_norm.weight", ("key_length",),
+             when="gla"),
+        rule("attention.key_layernorm.weight", "attn_k_norm.weight", ("key_length",), when="gla"),
+        rule("attention.g_proj.weight", "attn_gate.weight", ("n_embd", _GLA_WIDTH), when="gla"),
+        rule("attention.g_norm.weight", "layer_output_norm.weight", (_GLA_WIDTH,), when="gla"),
+        rule("attention.dense.weight", "attn_output.weight", (_GLA_WIDTH, "n_embd"), when="gla"),
+        rule("attention.dense.weight", "attn_output.weight", ("n_head*value_length_mla", "n_embd"),
+             when="mla"),
+    ),
+    required_keys=tuple(k for k in LJ_BAILING_HYBRID.required_keys
+                        if k != "attention.q_lora_rank"),
+    marker_keys=("rope.dimension_count_mla",),
+    note="our Ling-2.6 port (ports/llamacpp/patches) on llama.cpp 0c1e57098",
+)
+
+PORT_MAPS: dict[str, PortTensorMap] = {
+    m.name: m for m in (BAILINGMOE3, LJ_BAILING_HYBRID, OURS_BAILING_HYBRID)
+}
+# Written by the harness's conversion: the name of the map of the converter that ran.
+PORT_MAP_KEY = "bailing_parity.port_map"
 
 
 def map_for_arch(arch: str) -> PortTensorMap | None:
-    """The tensor map for a GGUF's ``general.architecture`` (None when no port is known)."""
+    """The first tensor map registered for a GGUF's ``general.architecture`` (None when no port
+    is known); :func:`map_for_gguf` tells ports of the same architecture apart."""
     return next((m for m in PORT_MAPS.values() if m.arch == arch), None)
+
+
+def map_for_gguf(meta: Mapping[str, Any]) -> PortTensorMap | None:
+    """The tensor map of the port that wrote a GGUF: the one our conversion named
+    (``PORT_MAP_KEY``), else the first of its architecture whose marker keys it carries, else
+    the first registered for its architecture."""
+    arch = str(meta.get("general.architecture", ""))
+    named = PORT_MAPS.get(str(meta.get(PORT_MAP_KEY, "")))
+    if named is not None and named.arch == arch:
+        return named
+    same = [m for m in PORT_MAPS.values() if m.arch == arch]
+    marked = [m for m in same if any(f"{arch}.{k}" in meta for k in m.marker_keys)]
+    return (marked or same or [None])[0]
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -361,7 +361,15 @@ def serve(inp: Any, out: Any, workdir: Path) -> None:
 
 def run_child(serve_fn: Callable[[Any, Any, Path], None]) -> int:
     """A child's entry point: the protocol on a private copy of fd 1, and fd 1 itself redirected
-    to stderr, so whatever llama.cpp or Python prints cannot corrupt the protocol."""
+    to stderr, so whatever llama.cpp or Python prints cannot corrupt the protocol.
+
+    The child never outlives the harness: it is killed when its parent dies (SIGKILL
+    included), and it ends when its stdin closes; Ctrl-C is the parent's to handle.
+    """
+    from harness import lifecycle
+
+    lifecycle.die_with_parent()
+    lifecycle.ignore_terminal_interrupts()
     workdir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd()
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     sys.stdout.flush()
