@@ -1,5 +1,6 @@
 """Sessions: ``nox -s parity`` (the main job), ``nox -s tests`` (harness tests + parity),
-``nox -s bench`` (throughput sweep + pytest-benchmark) and ``nox -s gate`` (regression gate)."""
+``nox -s bench`` (``pytest --benchmark``: throughput through pytest-benchmark) and
+``nox -s gate`` (regression gate)."""
 
 from __future__ import annotations
 
@@ -57,13 +58,13 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Prefill/decode tok/s for torch, mlx and llama.cpp on a tiny case, with the roofline."""
+    """Prefill/decode tok/s for torch, mlx and llama.cpp with the roofline: ``pytest --benchmark``
+    (pytest-benchmark's JSON, autosave and compare; the sweep table and report in reports/)."""
     install(session)
-    session.run("python", "-m", "harness", "sweep", "--backends", "torch,mlx,llamacpp",
-                "--cases", "flash-mini", "--pp", "128,512,2048,4000", "--tg", "32",
-                "--repeats", "3", "--threads", "1", *session.posargs)
-    session.run("pytest", "tests/bench", "--benchmark-only", "--benchmark-autosave",
-                "-p", "no:cacheprovider")
+    session.run("pytest", "cases", "--benchmark", "--backends", "torch,mlx,llamacpp",
+                "--cases", "flash-mini", "--bench-pp", "128,512,2048", "--bench-tg", "32",
+                "--report-dir", str(REPORTS), "--benchmark-autosave", "-p", "no:cacheprovider",
+                *session.posargs)
 
 
 @nox.session(python=PYTHON)

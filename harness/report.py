@@ -1,7 +1,12 @@
 """The HTML report: one self-contained ``index.html`` per run, never overwritten.
 
-Charts are inline SVG drawn by matplotlib without pyplot (no GUI backend, no global state), and
-the page carries its own CSS, so the file opens offline and can be attached to an issue as is.
+Laid out for a reviewer with a minute: the run's verdict and the gate's first, then a verdict
+matrix (case × prompt × candidate rows, a column per check, each cell linking to its detail),
+the findings grouped by severity, the other sections (MTP, slopes, throughput, gate), and per
+pair a layer × capture-point heatmap with its tables collapsed unless the pair failed.  Charts
+are inline SVG drawn by matplotlib without pyplot, heatmaps are HTML tables, and the page
+carries its own CSS and a few lines of filtering script, so the file opens offline and can be
+attached to an issue as is.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ import io
 import itertools
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,17 +28,17 @@ import numpy as np
 import pandas as pd
 from markupsafe import Markup
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
-from harness.capture_points import Kind
 from harness.compare import PairResult, explain_divergence
+from harness.report_findings import group_findings
+from harness.report_heatmap import heatmap
+from harness.report_heatmap import legend as heatmap_legend
+from harness.verdict import CheckVerdict, RunVerdict, Status
 
-__all__ = ["new_run_dir", "render_report", "write_report"]
+__all__ = ["GateSummary", "Section", "free_run_dir", "render_report", "write_report"]
 
 _TEMPLATES = Path(__file__).parent / "templates"
 _TEMPLATE = "report.html.j2"
-# Lowest NMSE drawn on a log axis; exact matches (0) sit on the axis floor instead of vanishing.
-_MIN_FLOOR = 1e-300
 _KLD_KEYS: tuple[str, ...] = (
     "mean_kld",
     "kld_99.9",
@@ -64,106 +70,21 @@ def _timestamp() -> str:
     return datetime.now().astimezone().strftime("%Y%m%d-%H%M%S")
 
 
-def new_run_dir(reports_root: Path, name: str | None = None) -> Path:
-    """Create a fresh ``<root>/<YYYYmmdd-HHMMSS>[-name][-N]``, so no run ever overwrites another."""
+def free_run_dir(reports_root: Path, name: str | None = None) -> Path:
+    """A fresh, not yet existing ``<root>/<YYYYmmdd-HHMMSS>[-name][-N]`` (created by the caller,
+    atomically), so no run ever overwrites another."""
     root = Path(reports_root)
-    root.mkdir(parents=True, exist_ok=True)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name or "").strip("-.")
     base = f"{_timestamp()}-{safe}" if safe else _timestamp()
     for n in itertools.count(1):
         candidate = root / (base if n == 1 else f"{base}-{n}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate
+        if not candidate.exists():
+            return candidate
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 # --------------------------------------------------------------------------------------------
-# Chart
-
-
-def _plot_values(table: pd.DataFrame) -> pd.DataFrame:
-    """Per-layer DENSE/LOGITS rows with a plottable NMSE (NaN on a failed row means 'inf')."""
-    rows = table[table["kind"].isin([Kind.DENSE.value, Kind.LOGITS.value]) & table["layer"].notna()]
-    nmse = rows["nmse"].astype(np.float64)
-    nmse = nmse.where(~(nmse.isna() & ~rows["passed"]), math.inf)
-    return rows.assign(nmse=nmse, layer=rows["layer"].astype(np.int64)).dropna(subset=["nmse"])
-
-
-def _axis_range(frames: Iterable[pd.DataFrame], tolerances: Iterable[float]) -> tuple[float, float]:
-    """Floor and ceiling of the y axis: zeros are drawn on the floor, infinities on the ceiling."""
-    values = np.concatenate([f["nmse"].to_numpy(np.float64) for f in frames] + [np.array([])])
-    values = np.concatenate([values, np.asarray(list(tolerances), dtype=np.float64)])
-    positive = values[np.isfinite(values) & (values > 0)]
-    if positive.size == 0:
-        return 1e-20, 1.0
-    return max(_MIN_FLOOR, float(positive.min()) / 100), max(1.0, float(positive.max()) * 100)
-
-
-def _case_figure(results: Sequence[PairResult]) -> Figure:
-    """NMSE per layer on a log axis: a line per pair (l_out-N), a cross at each layer's worst."""
-    fig = Figure(figsize=(9, 3.8), layout="constrained")
-    ax = fig.add_subplot()
-    frames = [_plot_values(r.table) for r in results]
-    tolerances = {r.table.attrs.get("tolerance", {}).get("nmse") for r in results} - {None}
-    floor, ceiling = _axis_range(frames, tolerances)
-    several_prompts = len({r.prompt for r in results}) > 1
-    for i, (r, frame) in enumerate(zip(results, frames, strict=True)):
-        color = f"C{i % 10}"
-        label = f"{r.candidate} vs {r.reference} ({r.mode})"
-        label += f" · {r.prompt}" if several_prompts else ""
-        y = frame["nmse"].clip(lower=floor, upper=ceiling)
-        lout = frame["point"].str.startswith("l_out-")
-        ax.plot(frame.loc[lout, "layer"], y[lout], "o-", color=color, ms=3, label=label)
-        if frame.empty:
-            continue
-        worst = frame.loc[frame.groupby("layer")["nmse"].idxmax()]
-        ax.plot(worst["layer"], y[worst.index], "x", color=color, ms=7)
-        if r.first_divergence in set(frame["point"]):
-            at = frame.index[frame["point"] == r.first_divergence][0]
-            ax.annotate(
-                r.first_divergence,
-                (frame.at[at, "layer"], y[at]),
-                color=color,
-                fontsize=8,
-                xytext=(4, 6),
-                textcoords="offset points",
-            )
-    for tol in sorted(tolerances):
-        ax.axhline(tol, color="0.4", ls="--", lw=0.8, label=f"tolerance {tol:g}")
-    ax.plot([], [], "x", color="0.3", label="worst point in layer")
-    ax.set_yscale("log")
-    ax.set_ylim(floor / 3, ceiling * 3)
-    _mark_level(ax, floor, "exact match (0)")
-    if any(np.isinf(f["nmse"]).any() for f in frames):
-        _mark_level(ax, ceiling, "not comparable / inf", below=True)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("NMSE vs reference")
-    ax.grid(True, which="major", alpha=0.3)
-    if any(not f.empty for f in frames):
-        ax.legend(fontsize=8, loc="best")
-    else:
-        ax.text(0.5, 0.5, "no per-layer points captured", transform=ax.transAxes, ha="center")
-    return fig
-
-
-def _mark_level(ax: Any, y: float, text: str, *, below: bool = False) -> None:
-    """A dotted line with a caption at a clipped level (the axis floor or ceiling)."""
-    ax.axhline(y, color="0.7", ls=":", lw=0.8)
-    ax.annotate(
-        text,
-        xy=(1, y),
-        xycoords=("axes fraction", "data"),
-        ha="right",
-        va="top" if below else "bottom",
-        fontsize=7,
-        color="0.45",
-        xytext=(-2, -2 if below else 1),
-        textcoords="offset points",
-    )
+# Charts of other sections
 
 
 def _inline_svg(fig: Figure, prefix: str) -> str:
@@ -180,6 +101,119 @@ def _inline_svg(fig: Figure, prefix: str) -> str:
     svg = re.sub(r'href="#([^"]+)"', rf'href="#{prefix}-\1"', svg)
     svg = re.sub(r"url\(#([^)]+)\)", rf"url(#{prefix}-\1)", svg)
     return svg.replace("<svg", f'<svg role="img" aria-label="per-layer NMSE ({prefix})"', 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The gate and the verdict matrix
+
+
+@dataclass(frozen=True)
+class GateSummary:
+    """The regression gate's verdict for the headline: the baseline it was held to and the
+    regressions it found (``harness.gate.gate``'s frame: table, key, metric, baseline, current,
+    allowed, reason); no regression is a pass."""
+
+    baseline: str
+    regressions: pd.DataFrame
+
+    @property
+    def passed(self) -> bool:
+        return self.regressions.empty
+
+    def groups(self) -> list[tuple[str, pd.DataFrame]]:
+        """Regressions by what they mean: checks failing now, results gone, metrics drifted."""
+        df = self.regressions
+        failing = df["metric"].isin(["status", "passed", "gate"])
+        missing = ~failing & (df["allowed"] == "present")
+        drift = ~failing & ~missing
+        named = [("failing now", failing), ("missing from the run", missing),
+                 ("drifted beyond the baseline", drift)]
+        return [(name, df[mask]) for name, mask in named if mask.any()]
+
+
+# Checks in the order a pair is examined; checks not listed follow alphabetically.
+_CHECK_ORDER = ("prefill", "decode", "greedy", "mtp", "slopes")
+_STATUS_ORDER = tuple(s.value for s in (Status.FAILED, Status.ERROR, Status.XFAILED,
+                                        Status.SKIPPED, Status.PASSED))
+_PairKey = tuple[str, str, str, str]  # case, prompt, candidate, mode
+
+
+def _verdict_of(results: Sequence[PairResult]) -> RunVerdict:
+    """A verdict from the pairs alone, for callers that pass none (a pair is one check)."""
+    return RunVerdict([
+        CheckVerdict(r.case, r.prompt, r.candidate, r.reference, r.mode,
+                     Status.PASSED if r.passed else Status.FAILED, r.summary_line())
+        for r in results
+    ])
+
+
+def _worst_nmse(r: PairResult) -> str:
+    values = r.table["nmse"].astype(np.float64).dropna() if not r.table.empty else pd.Series()
+    if values.empty:
+        return "pass"
+    worst = float(values.max())
+    return "exact" if worst == 0 else f"{worst:.1e}"
+
+
+def _cell_text(c: CheckVerdict, pair: PairResult | None) -> str:
+    """What a matrix cell says: the worst NMSE of a passing pair, the failing point otherwise."""
+    status = Status(c.status)
+    if status is Status.ERROR:
+        return "port failure"
+    if status is Status.SKIPPED:
+        return "skipped"
+    if pair is not None:
+        if status is Status.PASSED:
+            return _worst_nmse(pair)
+        point = pair.first_divergence or "FAIL"
+        return f"xfail · {point}" if status is Status.XFAILED else point
+    if status is Status.PASSED:
+        m = re.search(r"(\d+/\d+) tokens identical", c.detail)
+        return m.group(1) if m else "pass"
+    return "xfail" if status is Status.XFAILED else "FAIL"
+
+
+def _section_anchor(sections: Sequence[Section], check: str) -> str | None:
+    words = {"mtp": "mtp", "slopes": "slope", "greedy": "greedy"}.get(check, check)
+    return next((f"section-{i}" for i, s in enumerate(sections, start=1)
+                 if words in s.title.lower()), None)
+
+
+def _cell_href(c: CheckVerdict, pair_anchor: str | None, sections: Sequence[Section]) -> str:
+    if pair_anchor is not None:
+        return pair_anchor
+    if c.status in (Status.ERROR, Status.SKIPPED):
+        return "findings"
+    if c.check == "greedy":
+        return "greedy"
+    return _section_anchor(sections, c.check) or "findings"
+
+
+def _matrix(
+    verdict: RunVerdict, pairs: Mapping[_PairKey, tuple[str, PairResult]],
+    sections: Sequence[Section],
+) -> dict[str, Any]:
+    """Rows case × prompt × candidate, a column per check, one cell per ``verdict.checks``."""
+    checks = sorted({c.check for c in verdict.checks},
+                    key=lambda k: (_CHECK_ORDER.index(k) if k in _CHECK_ORDER else 99, k))
+    rows: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for c in verdict.checks:
+        key = (c.case, c.prompt, c.candidate, c.reference)
+        row = rows.setdefault(key, {"case": c.case, "prompt": c.prompt, "candidate": c.candidate,
+                                    "reference": c.reference, "cells": {}})
+        anchor, pair = pairs.get((c.case, c.prompt, c.candidate, c.check), (None, None))
+        detail = c.detail or (pair.summary_line() if pair is not None else "")
+        row["cells"][c.check] = {
+            "status": Status(c.status).value, "text": _cell_text(c, pair),
+            "title": f"{c.check} {Status(c.status).value}" + (f": {detail}" if detail else ""),
+            "href": _cell_href(c, anchor, sections), "check": c.check,
+        }
+    # The usual reference goes in the headline; a row against another one names it.
+    usual = next(iter(Counter(c.reference for c in verdict.checks).most_common(1)), ("", 0))[0]
+    for row in rows.values():
+        row["statuses"] = " ".join(sorted({cell["status"] for cell in row["cells"].values()}))
+        row["other_reference"] = row["reference"] if row["reference"] != usual else ""
+    return {"checks": checks, "rows": list(rows.values())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,23 +251,39 @@ def _point_rows(table: pd.DataFrame, first: str | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _pair_context(r: PairResult, anchor: str) -> dict[str, Any]:
+def _pair_context(r: PairResult, anchor: str, status: str) -> dict[str, Any]:
     tol = r.table.attrs.get("tolerance", {})
     return {
         "anchor": anchor,
+        "case": r.case,
         "candidate": r.candidate,
         "reference": r.reference,
         "prompt": r.prompt,
         "mode": r.mode,
         "passed": r.passed,
-        "summary": r.summary_line(),
+        "status": status,
+        "summary": r.summary_line().split(": ", 1)[-1],  # the pair is named in the title
         "first_divergence": r.first_divergence,
         "explanation": explain_divergence(r.first_divergence) if r.first_divergence else "",
         "tolerance": ", ".join(f"{k} {v:g}" for k, v in tol.items()),
         "only_candidate": r.table.attrs.get("only_candidate", []),
         "only_reference": r.table.attrs.get("only_reference", []),
         "kld": [(k, _fmt(r.kld[k], ".3e")) for k in _KLD_KEYS if k in r.kld],
+        "heatmap": heatmap(r.table, r.first_divergence),
         "rows": _point_rows(r.table, r.first_divergence),
+        "n_failing": int((~r.table["passed"].astype(bool)).sum()) if not r.table.empty else 0,
+    }
+
+
+def _gate_context(gate: GateSummary | None) -> dict[str, Any] | None:
+    if gate is None:
+        return None
+    return {
+        "passed": gate.passed,
+        "baseline": gate.baseline,
+        "count": len(gate.regressions),
+        "columns": list(gate.regressions.columns),
+        "groups": [(name, df.to_dict("records")) for name, df in gate.groups()],
     }
 
 
@@ -243,42 +293,46 @@ def _context(
     environment: Mapping[str, str],
     findings: Iterable[str],
     sections: Sequence[Section] = (),
+    verdict: RunVerdict | None = None,
+    gate: GateSummary | None = None,
 ) -> dict[str, Any]:
-    by_case: dict[str, list[tuple[int, PairResult]]] = {}
-    for i, r in enumerate(results):
-        by_case.setdefault(r.case, []).append((i, r))
-    cases = []
-    for c, (name, members) in enumerate(by_case.items(), start=1):
-        fig = _case_figure([r for _, r in members])
-        cases.append(
-            {
-                "name": name,
-                "anchor": f"case-{c}",
-                "chart_id": f"chart-{c}",
-                "svg": Markup(_inline_svg(fig, f"chart-{c}")),  # trusted: our own SVG
-                "pairs": [_pair_context(r, f"pair-{i + 1}") for i, r in members],
-            }
-        )
-    overview = [
-        {
-            "case": r.case,
-            "prompt": r.prompt,
-            "candidate": r.candidate,
-            "reference": r.reference,
-            "mode": r.mode,
-            "passed": r.passed,
-            "first_divergence": r.first_divergence,
-            "anchor": f"pair-{i + 1}",
-        }
-        for i, r in enumerate(results)
-    ]
+    given = verdict is not None
+    verdict = verdict if verdict is not None else _verdict_of(results)
+    status_of = {(c.case, c.prompt, c.candidate, c.check): Status(c.status).value
+                 for c in verdict.checks}
+    anchors = {(r.case, r.prompt, r.candidate, r.mode): (f"pair-{i + 1}", r)
+               for i, r in enumerate(results)}
+    by_case: dict[str, list[dict[str, Any]]] = {}
+    for key, (anchor, r) in anchors.items():
+        fallback = Status.PASSED.value if r.passed else Status.FAILED.value
+        by_case.setdefault(r.case, []).append(
+            _pair_context(r, anchor, status_of.get(key, fallback)))
+    counts = verdict.counts()
+    greedy = [c for c in verdict.checks if c.check == "greedy"]
+    error_details = [c.detail for c in verdict.checks if c.status == Status.ERROR]
     return {
         "title": title,
+        # A report of no checks at all (a throughput sweep) has no verdict to state.
+        "headline": verdict.headline() if given or verdict.checks else None,
+        "run_passed": verdict.passed if given or verdict.checks else None,
+        "gate": _gate_context(gate),
+        "counts": [(s, counts[Status(s)]) for s in _STATUS_ORDER if counts[Status(s)]],
+        "references": [r for r, _ in Counter(c.reference for c in verdict.checks).most_common()],
+        "matrix": _matrix(verdict, anchors, sections),
+        "filters": {
+            "case": sorted({c.case for c in verdict.checks} | set(by_case)),
+            "candidate": sorted({c.candidate for c in verdict.checks}
+                                | {r.candidate for r in results}),
+            "status": [s for s in _STATUS_ORDER if counts[Status(s)]],
+        },
         "generated": datetime.now().astimezone().isoformat(timespec="seconds"),
         "environment": [(str(k), str(v)) for k, v in environment.items()],
-        "findings": [str(f) for f in findings],
-        "overview": overview,
-        "cases": cases,
+        "finding_groups": group_findings([str(f) for f in findings], error_details),
+        "cases": [{"name": name, "anchor": f"case-{i}", "pairs": pairs}
+                  for i, (name, pairs) in enumerate(by_case.items(), start=1)],
+        "greedy": [{**asdict(c), "status": Status(c.status).value} for c in greedy],
+        "greedy_all_passed": all(c.status == Status.PASSED for c in greedy),
+        "legend": heatmap_legend(),
         "sections": [
             {"title": s.title, "anchor": f"section-{i}", "html": Markup(s.html)}  # trusted: ours
             for i, s in enumerate(sections, start=1)
@@ -303,9 +357,15 @@ def render_report(
     environment: Mapping[str, str],
     findings: Iterable[str] = (),
     sections: Sequence[Section] = (),
+    verdict: RunVerdict | None = None,
+    gate: GateSummary | None = None,
 ) -> str:
-    """The report as one HTML string (for tests and for callers that store it elsewhere)."""
-    context = _context(results, title, environment, findings, sections)
+    """The report as one HTML string (for tests and for callers that store it elsewhere).
+
+    ``verdict`` is the run's verdict (harness.verdict): its headline comes first and its checks
+    are the verdict matrix (without it, each pair is one check); ``gate`` is the regression
+    gate's verdict, shown under the headline."""
+    context = _context(results, title, environment, findings, sections, verdict, gate)
     return _environment().get_template(_TEMPLATE).render(**context)
 
 
@@ -317,6 +377,8 @@ def write_report(
     environment: dict[str, str],
     findings: Sequence[str] = (),
     sections: Sequence[Section] = (),
+    verdict: RunVerdict | None = None,
+    gate: GateSummary | None = None,
 ) -> Path:
     """Write ``out_dir/index.html``; refuses to replace an existing report (FileExistsError)."""
     path = Path(out_dir) / "index.html"
@@ -324,7 +386,8 @@ def write_report(
     if path.exists():
         raise FileExistsError(message)
     html = render_report(
-        results, title=title, environment=environment, findings=findings, sections=sections
+        results, title=title, environment=environment, findings=findings, sections=sections,
+        verdict=verdict, gate=gate,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

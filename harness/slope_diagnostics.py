@@ -70,7 +70,7 @@ class SlopeVerdict:
     n_heads: int
     exposed: list[LayerDecay] | None
     black_box: list[LayerDecay]
-    # T -> NMSE of this backend's logits against the corrected-formula reference
+    # T -> NMSE of this backend's logits against the reference on the checkpoint's convention
     growth: dict[int, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -310,15 +310,16 @@ def formula_growth(
 
 
 def port_growth(
-    port: LoadedModel, corrected: BailingHybridReference, lengths: Sequence[int]
+    port: LoadedModel, expected: BailingHybridReference, lengths: Sequence[int]
 ) -> dict[int, float]:
-    """T -> NMSE of the port's logits against the corrected-formula float64 reference."""
-    vocab = corrected.config.vocab_size
+    """T -> NMSE of the port's logits against the float64 reference on the checkpoint's
+    convention (``expected``)."""
+    vocab = expected.config.vocab_size
     out = {}
     for t in lengths:
         tokens = probe_tokens(t, vocab, seed=t)
         out[int(t)] = nmse(
-            forward(port, tokens)["result_output"], forward(corrected, tokens)["result_output"]
+            forward(port, tokens)["result_output"], forward(expected, tokens)["result_output"]
         )
     return out
 
@@ -330,9 +331,11 @@ def diagnose(
     *,
     probe_length: int = DEFAULT_PROBE_LENGTH,
     lengths: Sequence[int] = (),
+    expected: str = "corrected",
 ) -> SlopeVerdict:
-    """Both paths for one loaded backend, plus its logits error against context length."""
-    ref = refs["corrected"]
+    """Both paths for one loaded backend, plus its logits error against context length (against
+    the reference on the checkpoint's convention, ``expected``)."""
+    ref = refs["corrected"]  # q, k, v do not depend on the decay: either reference serves
     cfg = ref.config
     tokens = probe_tokens(probe_length, cfg.vocab_size)
     black_box, notes = diagnose_black_box(port, ref, tokens)
@@ -345,7 +348,7 @@ def diagnose(
         notes=notes,
     )
     if lengths:
-        verdict.growth = port_growth(port, ref, lengths)
+        verdict.growth = port_growth(port, refs[expected], lengths)
     if verdict.exposed is not None and verdict.agree is False:
         verdict.notes.append("exposed and black-box verdicts disagree")
     return verdict
@@ -390,6 +393,8 @@ def slope_section(
             f"<td>{escape('; '.join(v.notes))}</td></tr>"
         )
     parts.append("</table>")
+    n_rows = sum(len(v.exposed or []) + len(v.black_box) for v in verdicts)
+    parts.append(f"<details><summary>per layer and head ({n_rows} rows)</summary>")
     parts.append(
         '<table class="slope-layers"><tr><th>backend</th><th>layer</th><th>path</th>'
         "<th>verdict</th><th>f (corrected)</th><th>f′ (off-by-one)</th><th>fitted f</th>"
@@ -409,7 +414,7 @@ def slope_section(
                     f"<td>{_g(d.error['hf_off_by_one'], '.2e')}</td>"
                     f"<td>{_g(d.error.get('fit', math.nan), '.2e')}</td><td>{g}</td></tr>"
                 )
-    parts.append("</table>")
+    parts.append("</table></details>")
     lengths = sorted({t for v in verdicts for t in v.growth} | set(formula_nmse or {}))
     if lengths:
         head = "".join(f"<th>T = {t}</th>" for t in lengths)

@@ -381,29 +381,64 @@ def run_sweep(
     return throughput_frame(rows)
 
 
-def _sweep_one(
-    target: Target, case: Case, grid: _Grid, step: Callable[[str], None]
-) -> list[dict[str, Any]]:
-    """Every grid point of one target on one case (the model is loaded once)."""
+def point_base(target: Target, case: Case, machine: str, bandwidth_gbs: float, detail: str,
+               source: str = SOURCE) -> dict[str, Any]:
+    """The columns every measured row of (target, case) shares: identity, build, weight bytes
+    read per decoded token and the roofline they imply."""
     shape = ModelShape.of(case)
     storage = storage_dtype(target)
     per_param = dtype_bytes(storage)
     wbytes = weight_bytes_per_token(shape.config, per_param) if per_param and shape.config else None
-    base = {
+    return {
         "backend": target.backend,
         "target": target.label,
         "case": case.name,
         "dtype": storage,
         "build": build_string(target.backend),
-        "machine": grid.machine,
-        "source": SOURCE,
+        "machine": machine,
+        "source": source,
         "depth": 0,
         "weight_bytes_per_token": wbytes,
-        "bandwidth_gbs": grid.bandwidth_gbs,
-        "roofline_tgs": roofline_tgs(grid.bandwidth_gbs, wbytes or 0),
-        "detail": f"warmup={grid.warmup}, seed={grid.seed}"
+        "bandwidth_gbs": bandwidth_gbs,
+        "roofline_tgs": roofline_tgs(bandwidth_gbs, wbytes or 0),
+        "detail": detail
         + ("" if shape.config else ", no roofline: no tensor inventory for this model family"),
     }
+
+
+def measured_row(base: Mapping[str, Any], pp: int, tg: int, prefill_s: Sequence[float],
+                 decode_s: Sequence[float]) -> dict[str, Any]:
+    """One B=1 grid point in llama-batched-bench's columns from timed prefills and decodes
+    (medians; spreads max - min; speeds' sample std)."""
+    pre, dec = np.asarray(prefill_s, np.float64), np.asarray(decode_s, np.float64)
+    t_pp = float(np.median(pre))
+    t_tg = float(np.median(dec)) if tg and dec.size else math.nan
+    s_tg = tg / t_tg if tg and t_tg > 0 else math.nan
+    roof = base["roofline_tgs"]
+    t_all = t_pp + (t_tg if tg else 0.0)
+    return {
+        **base,
+        "PP": pp, "TG": tg, "B": 1, "N_KV": pp + tg,
+        "T_PP": t_pp, "S_PP": pp / t_pp,
+        "T_TG": t_tg, "S_TG": s_tg,
+        "T": t_all, "S": (pp + tg) / t_all,
+        "T_PP_spread": float(np.ptp(pre)),
+        "T_TG_spread": float(np.ptp(dec)) if dec.size else math.nan,
+        "S_PP_std": _std(pp / pre),
+        "S_TG_std": _std(tg / dec) if tg and dec.size else math.nan,
+        "repeats": int(pre.size),
+        "roofline_frac": s_tg / roof if roof and not math.isnan(roof) else math.nan,
+        "skip_reason": "",
+    }  # fmt: skip
+
+
+def _sweep_one(
+    target: Target, case: Case, grid: _Grid, step: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Every grid point of one target on one case (the model is loaded once)."""
+    shape = ModelShape.of(case)
+    base = point_base(target, case, grid.machine, grid.bandwidth_gbs,
+                      f"warmup={grid.warmup}, seed={grid.seed}")
     points = [(b, pp) for b in grid.batch for pp in grid.prompt_lengths]
 
     def skip_all(reason: str) -> list[dict[str, Any]]:
@@ -523,28 +558,14 @@ def _measure(
     for _ in range(grid.warmup):
         time_once(model, tokens, tg)
     samples = np.array([time_once(model, tokens, tg) for _ in range(grid.repeats)])
-    t_pp, t_tg = (float(np.median(samples[:, i])) for i in (0, 1))
-    spread_pp, spread_tg = (float(np.ptp(samples[:, i])) for i in (0, 1))
-    s_tg = tg / t_tg if tg and t_tg > 0 else math.nan
-    roof = base["roofline_tgs"]
-    detail = base["detail"] + ("" if rss_reset else ", rss=process high-water (no reset)")
-    row = {
-        **base,
-        "PP": pp, "TG": tg, "B": 1, "N_KV": pp + tg,
-        "T_PP": t_pp, "S_PP": pp / t_pp,
-        "T_TG": t_tg, "S_TG": s_tg,
-        "T": t_pp + t_tg, "S": (pp + tg) / (t_pp + t_tg),
-        "T_PP_spread": spread_pp, "T_TG_spread": spread_tg,
-        "S_PP_std": _std(pp / samples[:, 0]),
-        "S_TG_std": _std(tg / samples[:, 1]) if tg else math.nan,
-        "repeats": grid.repeats,
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_backend_mb": _backend_peak_mb(target.backend),
-        "roofline_frac": s_tg / roof if roof and not math.isnan(roof) else math.nan,
-        "skip_reason": "",
-        "detail": detail,
-    }  # fmt: skip
-    return row, _Measured(pp, t_pp, t_tg / tg if tg else math.nan)
+    row = measured_row(base, pp, tg, samples[:, 0], samples[:, 1])
+    row["T_TG"] = float(np.median(samples[:, 1]))  # 0.0 when TG = 0, as before
+    row.update(
+        peak_rss_mb=peak_rss_mb(),
+        peak_backend_mb=_backend_peak_mb(target.backend),
+        detail=base["detail"] + ("" if rss_reset else ", rss=process high-water (no reset)"),
+    )
+    return row, _Measured(pp, row["T_PP"], row["T_TG"] / tg if tg else math.nan)
 
 
 def _std(values: np.ndarray) -> float:
