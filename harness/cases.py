@@ -53,9 +53,17 @@ class Case:
     decode_steps: int = 8
     source: Path | None = None
     family: str = "ling26"
-    # backend name -> why that port is known to fail this case (a finding kept visible as a
-    # strict xfail: the day the port is fixed, the item XPASSes and the entry must go)
+    # backend name (every check) or "backend:mode" (one check) -> why that port is known to
+    # fail this case (a finding kept visible as a strict xfail: the day the port is fixed, the
+    # item XPASSes and the entry must go)
     known_failures: dict[str, str] = field(default_factory=dict)
+    # the GLA slope convention the checkpoint was published with (harness.slope_convention);
+    # None: Ling-2.6-flash's default, ``corrected``, with a note in the run
+    slope: str | None = None
+
+    def known_failure(self, backend: str, mode: str) -> str | None:
+        """Why ``backend`` is known to fail this case's ``mode`` check, if it is."""
+        return self.known_failures.get(f"{backend}:{mode}") or self.known_failures.get(backend)
 
     def tolerance(self, dtype: str) -> Tolerance:
         """The tolerance for a candidate computing in ``dtype``."""
@@ -76,7 +84,8 @@ class Case:
 
 
 _CASE_KEYS = {"description", "family", "seed", "config", "prompts", "tolerances", "decode_steps",
-              "known_failures"}
+              "known_failures", "slope"}
+SLOPES = ("corrected", "hf_off_by_one")
 
 
 def load_case(path: Path) -> Case:
@@ -117,7 +126,20 @@ def load_case(path: Path) -> Case:
         source=path,
         family=family.name,
         known_failures={str(k): str(v) for k, v in raw.get("known_failures", {}).items()},
+        slope=_slope(path, raw.get("slope"), family.name),
     )
+
+
+def _slope(path: Path, value: Any, family: str) -> str | None:
+    """The case's ``slope`` field: a convention, on a family whose GLA has slopes."""
+    if value is None:
+        return None
+    if family != "ling26":
+        raise InputError(f"{path}: slope: only Ling-2.6 cases have a GLA slope convention")
+    if value not in SLOPES:
+        raise InputError(f"{path}: slope {value!r}; expected one of {', '.join(SLOPES)} (a case "
+                         "writes no modeling code to detect it from)")
+    return str(value)
 
 
 def _prompt(path: Path, i: int, raw: dict[str, Any], vocab: int) -> Prompt:

@@ -13,8 +13,11 @@ BACKENDS: dict[str, str] = {
     "torch": "harness.backends.torch_backend:TorchBackend",
     "mlx": "harness.backends.mlx_backend:MlxBackend",
     "llamacpp": "harness.backends.llamacpp_backend:LlamaCppBackend",
+    # the checkpoint's own modeling code (auto_map) under trust_remote_code, in a child process
+    "hf_remote": "harness.backends.hf_remote:HfRemoteBackend",
 }
-DEFAULT_DTYPE = {"torch": "float32", "mlx": "float32", "llamacpp": "float32"}
+DEFAULT_DTYPE = {"torch": "float32", "mlx": "float32", "llamacpp": "float32",
+                 "hf_remote": "float32"}
 REFERENCE = "torch-float64"
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import InputError
+from references.disputed_keys import check_disputed
 
 ARCHITECTURE = "BailingMoeV2_5ForCausalLM"
 MODEL_TYPE = "bailing_hybrid"
@@ -178,6 +179,7 @@ def _check_consistency(cfg: BailingHybridConfig, path: Path) -> None:
         )
     if not math.isfinite(cfg.rms_norm_eps) or cfg.rms_norm_eps <= 0:
         raise bad(f"rms_norm_eps must be a positive number, got {cfg.rms_norm_eps}")
+    check_disputed(cfg, path)  # keys implementations read differently (references.disputed_keys)
 
 
 def load_config(checkpoint_dir: Path) -> BailingHybridConfig:

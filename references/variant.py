@@ -12,6 +12,15 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 SlopeFormula = Literal["corrected", "hf_off_by_one"]
+# The GLA decay conventions a checkpoint may have been trained and published with (issue 15):
+# which one is right is a property of the checkpoint, not of the math.
+SLOPE_CONVENTIONS: tuple[SlopeFormula, ...] = ("corrected", "hf_off_by_one")
+DEFAULT_SLOPE: SlopeFormula = "corrected"  # Ling-2.6-flash's, as mlx-lm/vLLM/SGLang apply it
+
+
+def other_slope(slope: SlopeFormula) -> SlopeFormula:
+    """The convention a checkpoint of convention ``slope`` does not use."""
+    return "hf_off_by_one" if slope == "corrected" else "corrected"
 
 
 @dataclass(frozen=True)
