@@ -7,17 +7,21 @@ finding about that port (:class:`PortFailure`), never a crash of the harness.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import capture_points
+import numpy as np
+
+from harness import capture_points, lifecycle
 from harness.backends.base import Captures, LoadedModel, forward, stepwise
 from harness.compare import PairResult, Tolerance, compare_pair
-from harness.errors import InputError, PortFailure
+from harness.errors import InputError, PortFailure, port_boundary
 from harness.targets import Target, get_backend
+from harness.verdict import RunVerdict
 
 MODES = ("prefill", "decode")
 # Checks run once per case and candidate rather than per prompt.
@@ -36,6 +40,10 @@ class Runner:
     # Per-case checks beside the per-point ones (MTP acceptance, GLA slope verdicts).
     mtp_runs: list = field(default_factory=list)
     slope_verdicts: list = field(default_factory=list)
+    # One verdict per check, recorded by the front end that ran it (harness.verdict).
+    verdict: RunVerdict = field(default_factory=RunVerdict)
+    # Labels of every target whose weights were loaded, in order (a golden run loads no reference).
+    loaded: list[str] = field(default_factory=list)
 
     @property
     def ran_anything(self) -> bool:
@@ -54,36 +62,65 @@ class Runner:
         if key in self.failures:
             raise self.failures[key]
         if key not in self.models:
+            lifecycle.stage("loading")
+            self.loaded.append(target.label)
             try:
-                self.models[key] = get_backend(target.backend).load(checkpoint, target.options())
-            except (InputError, PortFailure):
-                raise
-            except Exception as e:  # the port could not even load the checkpoint
-                failure = PortFailure(f"{target.label} failed to load {checkpoint}: {_short(e)}")
+                with port_boundary(target.label, f"failed to load {checkpoint}"):
+                    self.models[key] = get_backend(target.backend).load(checkpoint,
+                                                                        target.options())
+            except PortFailure as failure:  # the port could not even load the checkpoint
                 self.failures[key] = failure
-                raise failure from e
+                raise
         return self.models[key]
+
+    def release(self, checkpoint: Path | None = None, target: Target | None = None) -> None:
+        """Free loaded models (of one checkpoint and/or target, else all) once their captures
+        are taken: their findings are kept, their worker processes closed, their weights
+        dropped, so a run holds one backend in memory at a time."""
+        for key in [k for k in self.models
+                    if (target is None or k[0] == target)
+                    and (checkpoint is None or k[1] == checkpoint)]:
+            model = self.models.pop(key)
+            self.findings.extend(f for f in getattr(model, "findings", ()) or ()
+                                 if f not in self.findings)
+            close = getattr(model, "close", None)
+            if callable(close):
+                close()
+            del model
+        gc.collect()
+        with contextlib.suppress(Exception):  # MLX keeps freed buffers in its own cache
+            import mlx.core as mx
+
+            mx.clear_cache()
+
+    @staticmethod
+    def _run_key(target: Target, checkpoint: Path, tokens: Sequence[int], mode: str,
+                 n_decode: int) -> tuple[Target, Path, str, str]:
+        digest = hashlib.sha256(repr((list(tokens), n_decode)).encode()).hexdigest()
+        return (target, checkpoint, digest, mode)
+
+    def seed(self, target: Target, checkpoint: Path, tokens: Sequence[int], n_decode: int,
+             captures: Captures) -> None:
+        """Take ``target``'s prefill captures as given (a golden run's saved reference), so
+        comparisons against it never load its weights."""
+        checked = check_captures(target.label, "prefill", captures, len(tokens))
+        self.runs[self._run_key(target, checkpoint, tokens, "prefill", n_decode)] = checked
 
     def captures(
         self, target: Target, checkpoint: Path, tokens: Sequence[int], mode: str, n_decode: int
     ) -> Captures:
         """Every capture point the target produces for ``tokens`` in ``mode``."""
-        digest = hashlib.sha256(repr((list(tokens), n_decode)).encode()).hexdigest()
-        key = (target, checkpoint, digest, mode)
+        key = self._run_key(target, checkpoint, tokens, mode, n_decode)
         if key not in self.runs:
             model = self.model(target, checkpoint)
             names = capture_points.all_points(model.n_layers)
-            try:
+            with port_boundary(target.label, f"crashed in {mode}"):
                 if mode == "prefill":
                     caps = forward(model, tokens, names)
                 else:
                     n_prefill = max(1, len(tokens) - n_decode)
                     caps = stepwise(model, tokens, n_prefill, names)
-            except (InputError, PortFailure):
-                raise
-            except Exception as e:
-                raise PortFailure(f"{target.label} crashed in {mode}: {_short(e)}") from e
-            self.runs[key] = caps
+            self.runs[key] = check_captures(target.label, mode, caps, len(tokens))
         return self.runs[key]
 
     def compare(
@@ -106,6 +143,7 @@ class Runner:
         # (a reference test proves it), so one reference run serves both candidate modes.
         ref = self.captures(reference, checkpoint, tokens, "prefill", n_decode)
         cand = self.captures(candidate, checkpoint, tokens, mode, n_decode)
+        lifecycle.stage("comparing")
         result = compare_pair(
             case, prompt, candidate.label, reference.label, cand, ref, tolerance, mode=mode
         )
@@ -113,8 +151,17 @@ class Runner:
         return result
 
 
-def _short(e: BaseException) -> str:
-    """The exception and the innermost frame, enough to tell where a port broke."""
-    tb = traceback.extract_tb(e.__traceback__)
-    where = f" ({Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
-    return f"{type(e).__name__}: {e}{where}"
+def check_captures(label: str, mode: str, caps: object, n_tokens: int) -> Captures:
+    """A port's captures, refused as a port failure when they are not what the protocol says:
+    a mapping of arrays whose logits hold one finite-or-not float row per token."""
+    if not isinstance(caps, dict):
+        raise PortFailure(f"{label} returned {type(caps).__name__} from {mode}, not captures")
+    logits = caps.get("result_output")
+    if logits is None:
+        raise PortFailure(f"{label} returned no logits (result_output) in {mode}")
+    arr = np.asarray(logits)
+    if arr.dtype.kind not in "fc" or arr.ndim != 2 or arr.shape[0] != n_tokens or not arr.size:
+        raise PortFailure(
+            f"{label} returned logits of shape {arr.shape} ({arr.dtype}) in {mode}; expected "
+            f"({n_tokens}, vocab) floats, one row per token")
+    return caps

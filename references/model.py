@@ -9,12 +9,19 @@ then logits = lm_head(RMSNorm_model(x_L)).  A :class:`ReferenceSession` keeps th
 (MLA latents, GLA states, the position) so a prompt fed at once and fed token by token give the
 same numbers; float64 makes that exact to rounding.  Every knob of :class:`Variant` is applied at
 the single line where its math differs.
+
+Two ways to hold the weights (``ReferenceOptions.load``), one forward code: ``memory`` converts
+every tensor to the compute dtype once; ``streamed`` reads each weight from the memory-mapped
+safetensors when the forward reaches it and drops it after (:mod:`references.weights`), so memory
+does not grow with layers or experts: a layer's attention, then its FFN (routed experts one at a
+time, only those some token was routed to), the embedding rows of the tokens fed, ``lm_head`` in
+vocabulary blocks.  ``auto`` (the default) picks by size (:func:`references.weights.choose_load`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,13 +32,25 @@ import torch.nn.functional as F
 
 from harness import capture_points
 from harness.errors import InputError
-from references.checkpoint_io import read_state_dict
+from references.checkpoint_io import planned_tensors, read_tensors
 from references.config import BailingHybridConfig, load_config
+from references.disputed_keys import check_disputed
 from references.gla import gla_chunked, gla_recurrent
 from references.mla import MLACache, MLADims, MLAWeights, mla_forward
 from references.moe import MoEWeights, RouterConfig, SwiGLUWeights, moe_forward
-from references.ops import accumulation_dtype, group_rms_norm, log_decay, rms_norm, rope
+from references.ops import accumulation_dtype, group_rms_norm, log_decay, rms_norm, rope, swiglu
 from references.variant import CORRECT, Variant
+from references.weights import (
+    BLOCK_BYTES,
+    LOAD_MODES,
+    LoadMode,
+    MemoryWeights,
+    StreamedWeights,
+    WeightSource,
+    choose_load,
+    release_freed_memory,
+    streamed_source,
+)
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -46,12 +65,15 @@ class ReferenceOptions:
     chunk_size: int = 64
     mla_impl: Literal["naive", "absorbed"] = "naive"
     variant: Variant = CORRECT
+    # How weights are held (not the math): memory, streamed from the files, or chosen by size.
+    load: LoadMode = "auto"
 
     def __post_init__(self) -> None:
         choices = {
             "dtype": tuple(TORCH_DTYPES),
             "gla_impl": ("chunked", "recurrent"),
             "mla_impl": ("naive", "absorbed"),
+            "load": LOAD_MODES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -83,6 +105,40 @@ class GLAWeights:
     dense: torch.Tensor  # [hidden, H*D]
     log_decay: torch.Tensor  # [H] g_h(l) < 0: computed, never stored in the checkpoint
 
+    def linear(self, field: str, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, self.<field>)`` for the projections qkv, g_proj and dense."""
+        return F.linear(x, getattr(self, field))
+
+
+_GLA_TENSORS = {"qkv": "query_key_value", "q_norm": "query_layernorm",
+                "k_norm": "key_layernorm", "g_proj": "g_proj", "g_norm": "g_norm",
+                "dense": "dense"}
+
+
+class StreamedGLAWeights(GLAWeights):
+    """A streamed GLA layer: each weight is read when accessed, so the forward holds one matrix
+    at a time; :meth:`linear` applies a projection in row blocks past :data:`BLOCK_BYTES`."""
+
+    def __init__(self, model: BailingHybridReference, prefix: str, log_decay: torch.Tensor):
+        object.__setattr__(self, "_m", model)
+        object.__setattr__(self, "_a", prefix)
+        object.__setattr__(self, "log_decay", log_decay)
+
+    def __getattribute__(self, key: str):  # the weights are read on access
+        if key in _GLA_TENSORS:
+            m, a = object.__getattribute__(self, "_m"), object.__getattribute__(self, "_a")
+            return m._get(f"{a}.{_GLA_TENSORS[key]}.weight")
+        return object.__getattribute__(self, key)
+
+    def linear(self, field: str, x: torch.Tensor) -> torch.Tensor:
+        m, name = self._m, f"{self._a}.{_GLA_TENSORS[field]}.weight"
+        rows, width = m._source.shape(name)
+        step = max(1, BLOCK_BYTES // (width * _itemsize(m.dtype)))
+        if step >= rows:  # the in-memory computation, to the bit
+            return F.linear(x, m._get(name))
+        return torch.cat([F.linear(x, m._get(name, rows=(s, min(rows, s + step))))
+                          for s in range(0, rows, step)], dim=-1)
+
 
 @dataclass(frozen=True)
 class Block:
@@ -92,6 +148,124 @@ class Block:
     post_norm: torch.Tensor
     attention: MLAWeights | GLAWeights
     ffn: SwiGLUWeights | MoEWeights
+
+
+class StreamedBlock:
+    """A decoder layer of a streamed model: each attribute reads its weights when asked."""
+
+    def __init__(self, model: BailingHybridReference, layer: int, *, mla: bool, moe: bool,
+                 mtp: bool = False) -> None:
+        self._m, self.layer, self.mla, self.moe, self.mtp = model, layer, mla, moe, mtp
+        self._p = f"model.layers.{layer}"
+
+    @property
+    def input_norm(self) -> torch.Tensor:
+        return self._m._get(f"{self._p}.input_layernorm.weight")
+
+    @property
+    def post_norm(self) -> torch.Tensor:
+        return self._m._get(f"{self._p}.post_attention_layernorm.weight")
+
+    @property
+    def attention(self) -> MLAWeights | GLAWeights:
+        m = self._m
+        return m._mla_weights(self._p) if self.mla else m._gla_weights(self._p, self.layer)
+
+    @property
+    def ffn(self) -> StreamedSwiGLU | MoEWeights:
+        m = self._m
+        return m._moe_weights(self._p, self.mtp) if self.moe else m._swiglu(f"{self._p}.mlp")
+
+
+class StreamedSwiGLU:
+    """A SwiGLU read when called and dropped after; past :data:`BLOCK_BYTES` it runs in blocks
+    of the intermediate axis (gate/up rows, down columns), summing the blocks' outputs."""
+
+    def __init__(self, model: BailingHybridReference, prefix: str) -> None:
+        self._m, self._prefix = model, prefix
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m, p = self._m, self._prefix
+        inter, hidden = m._source.shape(f"{p}.gate_proj.weight")
+        step = max(1, BLOCK_BYTES // (3 * hidden * _itemsize(m.dtype)))
+        if step >= inter:  # the in-memory computation, to the bit
+            return swiglu(x, m._get(f"{p}.gate_proj.weight"), m._get(f"{p}.up_proj.weight"),
+                          m._get(f"{p}.down_proj.weight"))
+        out: torch.Tensor | None = None
+        for s in range(0, inter, step):
+            r = (s, min(inter, s + step))
+            part = swiglu(x, m._get(f"{p}.gate_proj.weight", rows=r),
+                          m._get(f"{p}.up_proj.weight", rows=r),
+                          m._get(f"{p}.down_proj.weight", cols=r))
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+
+class _LazyExperts(Sequence[StreamedSwiGLU]):
+    """Routed experts of a streamed MoE layer: ``experts[e]`` reads expert e when called."""
+
+    def __init__(self, model: BailingHybridReference, prefix: str, n: int) -> None:
+        self._m, self._prefix, self._n = model, prefix, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, e):  # type: ignore[override]
+        if isinstance(e, slice):
+            return [self[i] for i in range(*e.indices(self._n))]
+        if not -self._n <= e < self._n:
+            raise IndexError(e)
+        return StreamedSwiGLU(self._m, f"{self._prefix}.{e % self._n}")
+
+
+class _LazyBlocks(Sequence[StreamedBlock]):
+    """The trunk layers of a streamed model (cheap handles; weights are read on use)."""
+
+    def __init__(self, model: BailingHybridReference) -> None:
+        self._m = model
+
+    def __len__(self) -> int:
+        return self._m.n_layers
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        m = self._m
+        layer = range(m.n_layers)[i]
+        return StreamedBlock(m, layer, mla=m.layer_mla[layer], moe=m.config.is_moe(layer))
+
+    def __iter__(self) -> Iterator[StreamedBlock]:
+        return (self[i] for i in range(len(self)))
+
+
+class StreamedMTPHead:
+    """The MTP head of a streamed model; its weights are read when asked."""
+
+    def __init__(self, model: BailingHybridReference) -> None:
+        self._m = model
+        self._p = f"model.layers.{model.n_layers}"
+        self.block = StreamedBlock(model, model.n_layers, mla=True, moe=True, mtp=True)
+
+    @property
+    def enorm(self) -> torch.Tensor:
+        return self._m._get(f"{self._p}.enorm.weight")
+
+    @property
+    def hnorm(self) -> torch.Tensor:
+        return self._m._get(f"{self._p}.hnorm.weight")
+
+    @property
+    def eh_proj(self) -> torch.Tensor:
+        return self._m._get(f"{self._p}.eh_proj.weight")
+
+    @property
+    def final_norm(self) -> torch.Tensor:
+        return self._m._get(f"{self._p}.final_layernorm.weight")
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass(frozen=True)
@@ -144,39 +318,91 @@ class BailingHybridReference:
     """A checkpoint loaded for reference computation; :meth:`start` opens decode sessions."""
 
     def __init__(
-        self, cfg: BailingHybridConfig, tensors: dict[str, np.ndarray], options: ReferenceOptions
+        self,
+        cfg: BailingHybridConfig,
+        tensors: dict[str, np.ndarray] | WeightSource,
+        options: ReferenceOptions,
     ) -> None:
         self.config = cfg
         self.options = options
+        self.findings: list[str] = []  # what loading noticed, for run reports
         self.n_layers = cfg.num_hidden_layers
         self.dtype = TORCH_DTYPES[options.dtype]
         self.device = _device(options.device)
         self.eps = cfg.rms_norm_eps
         variant = options.variant
         _check_variant(cfg, variant)
-        self._tensors = tensors
+        self._source: WeightSource = (
+            MemoryWeights(tensors) if isinstance(tensors, dict) else tensors
+        )
+        self.streamed = bool(getattr(self._source, "streamed", False))
+        # Called with (layers done, layers) after each trunk layer of a forward (progress).
+        self.layer_done: Callable[[int, int], None] | None = None
         self.mla_dims = MLADims.from_config(cfg)
         self.router_config = RouterConfig.from_config(cfg)
-        self.embed = self._get("model.word_embeddings.weight")
+        self.layer_mla = [layer_is_mla(cfg, layer, variant) for layer in range(self.n_layers)]
         self.norm = self._get("model.norm.weight")
+        self._head_name = "model.word_embeddings.weight" if cfg.tie_word_embeddings else (
+            "lm_head.weight"
+        )
+        self._rows: dict[int, torch.Tensor] = {}  # embedding rows read in this forward
+        self.blocks: Sequence[Block] | Sequence[StreamedBlock]
+        self.mtp: MTPHead | StreamedMTPHead | None
+        if self.streamed:
+            self.embed = self.lm_head = None  # read per forward: rows, vocabulary blocks
+            self.blocks = _LazyBlocks(self)
+            self.mtp = StreamedMTPHead(self) if self._has_mtp() else None
+            return
+        self.embed = self._get("model.word_embeddings.weight")
         self.lm_head = self.embed if cfg.tie_word_embeddings else self._get("lm_head.weight")
         self.blocks = [
-            self._block_weights(layer, mla=layer_is_mla(cfg, layer, variant), moe=cfg.is_moe(layer))
+            self._block_weights(layer, mla=self.layer_mla[layer], moe=cfg.is_moe(layer))
             for layer in range(cfg.num_hidden_layers)
         ]
         self.mtp = self._mtp_weights() if self._has_mtp() else None
-        del self._tensors  # numpy copies are no longer needed
+        del self._source  # numpy copies are no longer needed
 
     @classmethod
     def from_checkpoint(
         cls, checkpoint_dir: Path, options: ReferenceOptions | None = None
     ) -> BailingHybridReference:
-        """Validate config.json and every tensor (names, shapes, finiteness), then load."""
+        """Validate config.json and every tensor (names, shapes, finiteness), then load.
+
+        ``options.load`` says how: ``memory`` reads every tensor now; ``streamed`` checks names,
+        shapes and dtypes from the files' headers and reads (and checks finiteness) during each
+        forward; ``auto`` picks by size (:func:`references.weights.choose_load`).
+        """
         options = options or ReferenceOptions()
         _device(options.device)
         cfg = load_config(Path(checkpoint_dir))
         _check_variant(cfg, options.variant)
-        return cls(cfg, read_state_dict(Path(checkpoint_dir), cfg), options)
+        # notes on disputed keys read the one applicable way; then extra tensors ignored
+        findings = check_disputed(cfg, Path(checkpoint_dir) / "config.json")
+        where, shapes = planned_tensors(Path(checkpoint_dir), cfg, findings=findings)
+        n_elements = sum(int(np.prod(s)) for s in shapes.values())
+        mode = choose_load(options.load, n_elements, TORCH_DTYPES[options.dtype])
+        if mode == "streamed":
+            source: dict[str, np.ndarray] | WeightSource = streamed_source(where, shapes)
+        else:
+            source = read_tensors(where, shapes)
+        model = cls(cfg, source, options)
+        model.findings = findings
+        return model
+
+    @property
+    def load_mode(self) -> str:
+        """``memory`` or ``streamed``: how this model holds its weights."""
+        return "streamed" if self.streamed else "memory"
+
+    @property
+    def weight_reads(self) -> StreamedWeights | None:
+        """The streamed source (its ``log`` and ``bytes_read``), None in memory mode."""
+        source = getattr(self, "_source", None)  # in memory the source is dropped after load
+        return source if isinstance(source, StreamedWeights) else None
+
+    def new_caches(self) -> list[Cache]:
+        """Empty decode caches, one per trunk layer (MLA latents or a GLA state)."""
+        return [MLACache() if mla else GLACache() for mla in self.layer_mla]
 
     def start(self, capture: Collection[str] = ()) -> ReferenceSession:
         """A fresh sequence recording the named points (``result_output`` always)."""
@@ -184,13 +410,19 @@ class BailingHybridReference:
 
     # ---- loading ----
 
-    def _get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return torch.from_numpy(self._tensors[name]).to(self.device, dtype or self.dtype)
+    def _get(
+        self,
+        name: str,
+        dtype: torch.dtype | None = None,
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        return self._source.get(name, dtype or self.dtype, self.device, rows, cols)
 
     def _has_mtp(self) -> bool:
         n = self.config.num_hidden_layers
-        return bool(self.config.num_nextn_predict_layers) and (
-            f"model.layers.{n}.eh_proj.weight" in self._tensors
+        return bool(self.config.num_nextn_predict_layers) and self._source.has(
+            f"model.layers.{n}.eh_proj.weight"
         )
 
     def _block_weights(self, layer: int, *, mla: bool, moe: bool, mtp: bool = False) -> Block:
@@ -202,7 +434,9 @@ class BailingHybridReference:
             ffn=self._moe_weights(p, mtp) if moe else self._swiglu(f"{p}.mlp"),
         )
 
-    def _swiglu(self, prefix: str) -> SwiGLUWeights:
+    def _swiglu(self, prefix: str) -> SwiGLUWeights | StreamedSwiGLU:
+        if self.streamed:
+            return StreamedSwiGLU(self, prefix)
         return SwiGLUWeights(
             gate=self._get(f"{prefix}.gate_proj.weight"),
             up=self._get(f"{prefix}.up_proj.weight"),
@@ -237,6 +471,8 @@ class BailingHybridReference:
         ).to(self.device, accumulation_dtype(self.dtype))
         if not self.options.variant.tail_clause and cfg.is_mla(layer):
             return self._stand_in_gla(layer, g)
+        if self.streamed:
+            return StreamedGLAWeights(self, a, g)
         return GLAWeights(
             qkv=self._get(f"{a}.query_key_value.weight"),
             q_norm=self._get(f"{a}.query_layernorm.weight"),
@@ -283,14 +519,17 @@ class BailingHybridReference:
     def _moe_weights(self, p: str, mtp: bool) -> MoEWeights:
         cfg = self.config
         bias_name = f"{p}.mlp.gate.expert_bias"
-        has_bias = cfg.moe_router_enable_expert_bias and bias_name in self._tensors
+        has_bias = cfg.moe_router_enable_expert_bias and self._source.has(bias_name)
         if mtp and not self.options.variant.mtp_router_bias:
             has_bias = False  # a port whose MTP router ignores expert_bias (LJ)
         return MoEWeights(
             router=self._get(f"{p}.mlp.gate.weight"),
             # The bias is a float32 buffer (kept out of bfloat16, as mlx-lm does).
             expert_bias=self._get(bias_name, accumulation_dtype(self.dtype)) if has_bias else None,
-            experts=tuple(self._swiglu(f"{p}.mlp.experts.{e}") for e in range(cfg.num_experts)),
+            experts=(
+                _LazyExperts(self, f"{p}.mlp.experts", cfg.num_experts) if self.streamed
+                else tuple(self._swiglu(f"{p}.mlp.experts.{e}") for e in range(cfg.num_experts))
+            ),
             shared=self._swiglu(f"{p}.mlp.shared_experts") if cfg.num_shared_experts else None,
         )
 
@@ -337,11 +576,12 @@ class BailingHybridReference:
         """One pre-norm decoder layer on the new tokens ``x`` [T, hidden]; updates ``cache``."""
         a = rms_norm(x, block.input_norm, self.eps)
         rec.put(name("attn_norm"), a)
-        if isinstance(block.attention, MLAWeights):
+        attention = block.attention  # a streamed block reads it now; dropped below
+        if isinstance(attention, MLAWeights):
             assert isinstance(cache, MLACache)
             attn, latent = mla_forward(
                 a,
-                block.attention,
+                attention,
                 self.mla_dims,
                 cache,
                 impl=self.options.mla_impl,
@@ -350,24 +590,27 @@ class BailingHybridReference:
             rec.put(name("kv_cmpr"), latent)
         else:
             assert isinstance(cache, GLACache)
-            attn = self._gla(a, block.attention, cache, positions, rec, name)
+            attn = self._gla(a, attention, cache, positions, rec, name)
+        del attention
         rec.put(name("attn_out"), attn)
         h = x + attn
         rec.put(name("ffn_inp"), h)
         f = rms_norm(h, block.post_norm, self.eps)
         rec.put(name("ffn_norm"), f)
-        if isinstance(block.ffn, MoEWeights):
-            moe = moe_forward(f, block.ffn, self.router_config, self.options.variant)
+        ffn = block.ffn
+        if isinstance(ffn, MoEWeights):
+            moe = moe_forward(f, ffn, self.router_config, self.options.variant)
             rec.put(name("ffn_moe_logits"), moe.routing.logits)
             rec.put(name("ffn_moe_topk"), moe.routing.ids)
             rec.put(name("ffn_moe_weights"), moe.routing.weights)
             if moe.shared is not None:
                 rec.put(name("ffn_shexp"), moe.shared)
-            ffn = moe.out
+            out = moe.out
         else:
-            ffn = block.ffn(f)
-        rec.put(name("ffn_out"), ffn)
-        y = h + ffn
+            out = ffn(f)
+        del ffn
+        rec.put(name("ffn_out"), out)
+        y = h + out
         rec.put(name("l_out"), y)
         return y
 
@@ -383,7 +626,7 @@ class BailingHybridReference:
         """Lightning attention (doc §2.4): QKV, QK-norm, partial RoPE, GLA, GroupRMSNorm, gate."""
         cfg, variant = self.config, self.options.variant
         t, n_heads, d = a.shape[0], cfg.num_attention_heads, cfg.head_dim
-        qkv = F.linear(a, w.qkv).view(t, 3 * n_heads, d).transpose(0, 1)  # [3H, T, D]
+        qkv = w.linear("qkv", a).view(t, 3 * n_heads, d).transpose(0, 1)  # [3H, T, D]
         q, k, v = qkv.split(n_heads, dim=0)
         if cfg.use_qk_norm:
             q, k = rms_norm(q, w.q_norm, self.eps), rms_norm(k, w.k_norm, self.eps)
@@ -404,12 +647,47 @@ class BailingHybridReference:
             else width // cfg.group_norm_size  # wrong: group_norm_size channels per group
         )
         normed = group_rms_norm(o, groups, w.g_norm, self.eps)
-        gate = F.linear(a if variant.gate_input == "attn_norm" else o, w.g_proj)
+        gate = w.linear("g_proj", a if variant.gate_input == "attn_norm" else o)
         rec.put(name("g_gate"), gate)
-        return F.linear(normed * torch.sigmoid(gate), w.dense)
+        return w.linear("dense", normed * torch.sigmoid(gate))
+
+    def embed_rows(self, ids: Sequence[int]) -> torch.Tensor:
+        """Embedding rows of ``ids`` [T, hidden]; streamed, only these rows are read, each once
+        per forward (see :meth:`begin_forward`)."""
+        if not self.streamed:
+            return self.embed[torch.tensor(list(ids), dtype=torch.long, device=self.device)]
+        name = "model.word_embeddings.weight"
+        for i in dict.fromkeys(int(t) for t in ids):
+            if i not in self._rows:
+                self._rows[i] = self._get(name, rows=(i, i + 1))[0]
+        if not ids:
+            return torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        return torch.stack([self._rows[int(t)] for t in ids])
+
+    def begin_forward(self) -> None:
+        """Forget the embedding rows read by the previous forward."""
+        self._rows = {}
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        return F.linear(normed, self.lm_head)
+        return self.logits_many([normed])[0]
+
+    def logits_many(self, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``lm_head`` applied to each of ``hidden``; streamed, one pass over ``lm_head`` in
+        vocabulary blocks of at most :data:`BLOCK_BYTES` for all of them together."""
+        if not self.streamed:
+            return [F.linear(h, self.lm_head) for h in hidden]
+        vocab, width = self._source.shape(self._head_name)
+        step = max(1, BLOCK_BYTES // (width * _itemsize(self.dtype)))
+        if step >= vocab:  # the in-memory computation, to the bit
+            w = self._get(self._head_name)
+            return [F.linear(h, w) for h in hidden]
+        parts: list[list[torch.Tensor]] = [[] for _ in hidden]
+        for s in range(0, vocab, step):
+            w = self._get(self._head_name, rows=(s, min(vocab, s + step)))
+            for out, h in zip(parts, hidden, strict=True):
+                out.append(F.linear(h, w))
+            del w
+        return [torch.cat(out, dim=-1) for out in parts]
 
 
 class ReferenceSession:
@@ -425,9 +703,7 @@ class ReferenceSession:
     def __init__(self, model: BailingHybridReference, capture: frozenset[str]) -> None:
         self._m = model
         self._rec_names = capture
-        self._caches: list[Cache] = [
-            MLACache() if isinstance(b.attention, MLAWeights) else GLACache() for b in model.blocks
-        ]
+        self._caches: list[Cache] = model.new_caches()
         self.position = 0
         self._mtp_on = model.mtp is not None and any(n.startswith("mtp_") for n in capture)
         self._mtp_cache = MLACache()
@@ -448,16 +724,25 @@ class ReferenceSession:
         rec = _Recorder(self._rec_names)
         t = len(tokens)
         positions = torch.arange(self.position, self.position + t, device=m.device)
-        x = m.embed[torch.tensor(tokens, device=m.device)]
+        m.begin_forward()
+        x = m.embed_rows(tokens)
         for i, (block, cache) in enumerate(zip(m.blocks, self._caches, strict=True)):
             x = m.block_forward(x, block, cache, positions, rec, lambda s, i=i: f"{s}-{i}")
+            if m.streamed:
+                release_freed_memory()  # the layer's weights, not just their Python objects
+            if m.layer_done is not None:
+                m.layer_done(i + 1, len(m.blocks))
         self.position += t
         hidden = rms_norm(x, m.norm, m.eps)
         rec.put("result_norm", hidden)
-        rec.put("result_output", m.logits(hidden))
+        heads = [hidden]
         if self._mtp_on:
             mtp_hidden = hidden if m.options.variant.mtp_hidden == "post_norm" else x
-            self._feed_mtp(tokens, next_token, mtp_hidden, rec)
+            heads.append(self._feed_mtp(tokens, next_token, mtp_hidden, rec))
+        # One lm_head pass for the trunk and the MTP head (streamed: one read of lm_head).
+        names = ("result_output", "mtp_result_output")[: len(heads)]
+        for name, logits in zip(names, m.logits_many(heads), strict=True):
+            rec.put(name, logits)
         return rec.captures
 
     def _check_tokens(self, tokens: Sequence[int], next_token: int | None) -> list[int]:
@@ -477,8 +762,9 @@ class ReferenceSession:
 
     def _feed_mtp(
         self, tokens: list[int], next_token: int | None, hidden: torch.Tensor, rec: _Recorder
-    ) -> None:
-        """MTP (doc §3.1) for the positions whose next token is now known."""
+    ) -> torch.Tensor:
+        """MTP (doc §3.1) for the positions whose next token is now known; returns the rows to
+        apply ``lm_head`` to (the head's final-normed output)."""
         m, variant = self._m, self._m.options.variant
         head = m.mtp
         assert head is not None
@@ -490,9 +776,7 @@ class ReferenceSession:
         rows, self._pending = self._pending[: stop - start], self._pending[stop - start :]
         self._mtp_done, self._promised = stop, next_token
         ids = [known[p + variant.mtp_token_shift] for p in range(start, stop)]
-        e = rms_norm(
-            m.embed[torch.tensor(ids, dtype=torch.long, device=m.device)], head.enorm, m.eps
-        )
+        e = rms_norm(m.embed_rows(ids), head.enorm, m.eps)
         rec.put("mtp_enorm", e)
         hn = rms_norm(rows, head.hnorm, m.eps)
         rec.put("mtp_hnorm", hn)
@@ -504,7 +788,7 @@ class ReferenceSession:
         final = head.final_norm if variant.mtp_final_norm == "mtp_final_layernorm" else m.norm
         normed = rms_norm(y, final, m.eps)
         rec.put("mtp_result_norm", normed)
-        rec.put("mtp_result_output", m.logits(normed))
+        return normed
 
 
 def _device(name: str) -> torch.device:

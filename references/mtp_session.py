@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import InputError
-from references.mla import MLACache, MLAWeights
-from references.model import BailingHybridReference, Cache, GLACache
+from references.mla import MLACache
+from references.model import BailingHybridReference, Cache
 from references.ops import rms_norm
 
 
@@ -192,16 +192,15 @@ class ReferenceMtpSession(DraftingSession):
         super().__init__()
         self._m = model
         self.token_shift = model.options.variant.mtp_token_shift
-        self._caches: list[Cache] = [
-            MLACache() if isinstance(b.attention, MLAWeights) else GLACache() for b in model.blocks
-        ]
+        self._caches: list[Cache] = model.new_caches()
         self._mtp_cache = MLACache()
 
     def _trunk(self, tokens: list[int]) -> tuple[np.ndarray, torch.Tensor]:
         m = self._m
         start = len(self._tokens)
         positions = torch.arange(start, start + len(tokens), device=m.device)
-        x = m.embed[torch.tensor(tokens, device=m.device)]
+        m.begin_forward()
+        x = m.embed_rows(tokens)
         for block, cache in zip(m.blocks, self._caches, strict=True):
             x = m.block_forward(x, block, cache, positions, _DISCARD, _no_name)  # type: ignore[arg-type]
         normed = rms_norm(x, m.norm, m.eps)
@@ -214,9 +213,7 @@ class ReferenceMtpSession(DraftingSession):
         m, variant = self._m, self._m.options.variant
         head = m.mtp
         assert head is not None
-        e = rms_norm(
-            m.embed[torch.tensor(ids, dtype=torch.long, device=m.device)], head.enorm, m.eps
-        )
+        e = rms_norm(m.embed_rows(ids), head.enorm, m.eps)
         hn = rms_norm(hidden, head.hnorm, m.eps)
         pair = (e, hn) if variant.mtp_concat == "embed_first" else (hn, e)
         u = F.linear(torch.cat(pair, dim=-1), head.eh_proj)

@@ -21,17 +21,29 @@ trunk's next token often but not always:
 * ``mtp_eh_hidden_scale`` (float, 1.0): the hidden half's scale under ``mtp_eh_identity``.
 
 Norm weights and biases keep their non-trivial init under every knob.
+
+Two more ``_synthetic`` keys choose how the checkpoint is stored, not its values:
+
+* ``dtype`` ("float32" or "bfloat16"): bfloat16 is written directly (each value rounded once from
+  float64) by a streaming writer that generates every tensor in row blocks, so even a
+  Ling-2.6-flash-width checkpoint (a 157184 x 4096 embedding) is written in bounded memory;
+* ``shard_bytes`` (int, 2e9 with bfloat16): the trunk is cut into ``model-0000i-of-0000N``
+  shards of at most that size, the MTP layer goes to ``model-mtp-layer.safetensors`` and the
+  index lists both, as upstream ships Ling-2.6-flash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.numpy import save_file
 
 from harness.errors import InputError
@@ -41,6 +53,10 @@ from references.config import config_from_dict
 TRUNK_SHARD_TENSORS = 400  # trunk tensors per shard; small models still get 2 shards and an index
 SHAPING_KEY = "_synthetic"  # config key holding the shaping knobs; never written to config.json
 RESIDUAL_OUTPUTS = (".attention.dense.weight", ".down_proj.weight")
+WRITER_KNOBS = ("dtype", "shard_bytes")  # storage choices under SHAPING_KEY, not shaping
+DEFAULT_SHARD_BYTES = 2_000_000_000
+ROW_BLOCK_ELEMENTS = 16 * 2**20  # values generated at once by the streaming writer (128 MB f64)
+_ST_NAMES = {"float32": ("F32", torch.float32), "bfloat16": ("BF16", torch.bfloat16)}
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,70 @@ def generate_tensor(spec: TensorSpec, seed: int, shaping: Shaping | None = None)
     return values.astype(np.float32)
 
 
+def generate_rows(
+    spec: TensorSpec, seed: int, shaping: Shaping | None = None, block: int = ROW_BLOCK_ELEMENTS
+) -> Iterator[np.ndarray]:
+    """:func:`generate_tensor`'s values as float64 row blocks of about ``block`` elements, in
+    order: the same random stream, drawn in pieces."""
+    name_seed = int.from_bytes(hashlib.sha256(spec.name.encode()).digest()[:8], "little")
+    rng = np.random.default_rng([seed, name_seed])
+    rows, width = (spec.shape[0], int(np.prod(spec.shape[1:]))) if spec.shape else (1, 1)
+    step = max(1, block // max(1, width))
+    eh_identity = shaping is not None and shaping.mtp_eh_identity
+    if eh_identity and spec.name.endswith(".eh_proj.weight"):
+        step = rows  # the identity block needs the whole eh_proj (4096 x 8192 at flash widths)
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        normal = rng.standard_normal((n, *spec.shape[1:]) if spec.shape else ())
+        if spec.init is Init.LINEAR:
+            values = normal / np.sqrt(spec.shape[-1])
+        elif spec.init is Init.EMBED:
+            values = normal
+        elif spec.init is Init.NORM:
+            values = 1.0 + 0.1 * normal
+        else:  # Init.BIAS
+            values = 0.1 * normal
+        if shaping is not None:
+            values = shaping.apply(spec, values)
+        yield values
+
+
+def write_safetensors_streamed(
+    path: Path, specs: list[TensorSpec], seed: int, shaping: Shaping, dtype: str
+) -> int:
+    """Write one safetensors file tensor by tensor, row block by row block (never a whole tensor
+    in memory); returns the bytes of tensor data written."""
+    st_name, torch_dtype = _ST_NAMES[dtype]
+    item = torch.empty((), dtype=torch_dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        n = int(np.prod(spec.shape)) * item
+        header[spec.name] = {"dtype": st_name, "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for spec in specs:
+            for values in generate_rows(spec, seed, shaping):
+                fh.write(torch.from_numpy(values).to(torch_dtype).view(torch.uint8).numpy()
+                         .tobytes())
+    return offset
+
+
+def _storage_knobs(knobs: dict[str, Any], where: str) -> tuple[str, int]:
+    dtype = knobs.pop("dtype", "float32")
+    if dtype not in _ST_NAMES:
+        raise InputError(f"{where}.dtype must be one of {sorted(_ST_NAMES)}, got {dtype!r}")
+    shard = knobs.pop("shard_bytes", DEFAULT_SHARD_BYTES)
+    if isinstance(shard, bool) or not isinstance(shard, int) or shard < 1:
+        raise InputError(f"{where}.shard_bytes must be a positive integer, got {shard!r}")
+    return dtype, shard
+
+
 def write_synthetic_checkpoint(
     cfg_json: dict[str, Any],
     seed: int,
@@ -120,13 +200,20 @@ def write_synthetic_checkpoint(
     """Write config.json, sharded trunk safetensors, the MTP file and the index into ``out_dir``.
 
     Shaping knobs come from ``cfg_json[SHAPING_KEY]`` (a case's ``[config]`` table), overridden
-    by ``shaping``; the key is stripped from the config.json written.
+    by ``shaping``; the key is stripped from the config.json written.  With ``dtype`` or
+    ``shard_bytes`` among them the streaming writer (:func:`write_sharded_checkpoint`) is used.
     """
     knobs = {**(cfg_json.get(SHAPING_KEY) or {}), **(shaping or {})}
     cfg_json = {k: v for k, v in cfg_json.items() if k != SHAPING_KEY}
-    shape = Shaping.from_dict(knobs, f"{out_dir / 'config.json'}: {SHAPING_KEY}")
+    where = f"{out_dir / 'config.json'}: {SHAPING_KEY}"
+    streamed = any(k in knobs for k in WRITER_KNOBS)
+    dtype, shard_bytes = _storage_knobs(knobs, where)
+    shape = Shaping.from_dict(knobs, where)
     cfg = config_from_dict(cfg_json, out_dir / "config.json")
     specs = expected_tensors(cfg)
+    if streamed:
+        write_sharded_checkpoint(cfg_json, specs, seed, out_dir, shape, dtype, shard_bytes)
+        return
     trunk = [s for s in specs if not s.mtp]
     mtp = [s for s in specs if s.mtp]
     shards = [trunk[i : i + TRUNK_SHARD_TENSORS] for i in range(0, len(trunk), TRUNK_SHARD_TENSORS)]
@@ -145,6 +232,43 @@ def write_synthetic_checkpoint(
         save_file(tensors, str(out_dir / fname), metadata={"format": "pt"})
         weight_map.update({s.name: fname for s in group})
         total += sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(cfg_json, indent=2))
+
+
+def write_sharded_checkpoint(
+    cfg_json: dict[str, Any],
+    specs: list[TensorSpec],
+    seed: int,
+    out_dir: Path,
+    shaping: Shaping,
+    dtype: str,
+    shard_bytes: int,
+) -> None:
+    """The upstream layout: trunk shards of at most ``shard_bytes`` (a tensor never split), the
+    MTP layer in ``model-mtp-layer.safetensors``, an index naming both, then config.json."""
+    item = torch.empty((), dtype=_ST_NAMES[dtype][1]).element_size()
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in (s for s in specs if not s.mtp):
+        n = int(np.prod(spec.shape)) * item
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += n
+    files = [
+        (f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards)
+    ]
+    mtp = [s for s in specs if s.mtp]
+    if mtp:
+        files.append(("model-mtp-layer.safetensors", mtp))
+    weight_map: dict[str, str] = {}
+    total = 0
+    for fname, group in files:
+        total += write_safetensors_streamed(out_dir / fname, group, seed, shaping, dtype)
+        weight_map.update({s.name: fname for s in group})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out_dir / "config.json").write_text(json.dumps(cfg_json, indent=2))

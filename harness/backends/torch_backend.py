@@ -3,8 +3,10 @@
 ``torch-float64`` is the harness's reference; other dtypes, the alternative GLA/MLA forms and the
 named mutations (``variant=<name>``) make it a candidate too.  Recognised ``extra`` options:
 ``gla_impl`` (chunked|recurrent), ``chunk_size`` (int), ``mla_impl`` (naive|absorbed),
-``slope_formula`` (corrected|hf_off_by_one) and ``variant`` (a name from
-:func:`references.variant.mutations`).
+``slope_formula`` (corrected|hf_off_by_one), ``variant`` (a name from
+:func:`references.variant.mutations`) and ``load`` (auto|memory|streamed: how the weights are held,
+:func:`references.weights.choose_load`; streamed reads each weight from the files when a forward
+needs it, so memory does not grow with layers or experts).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 
 from harness.backends.base import DTYPES, Availability, BackendOptions, LoadedModel
 from harness.errors import InputError
+from harness.progress import LayerProgress
 
-EXTRA_KEYS = ("gla_impl", "chunk_size", "mla_impl", "slope_formula", "variant")
+EXTRA_KEYS = ("gla_impl", "chunk_size", "mla_impl", "slope_formula", "variant", "load")
 
 
 class TorchBackend:
@@ -37,9 +40,13 @@ class TorchBackend:
             return load_ling3(Path(checkpoint_dir), options)
         from references.model import BailingHybridReference
 
-        return BailingHybridReference.from_checkpoint(
+        model = BailingHybridReference.from_checkpoint(
             Path(checkpoint_dir), reference_options(options)
         )
+        if model.streamed:  # a real checkpoint's forward reads it all: minutes, so show it
+            model.layer_done = LayerProgress(
+                f"{checkpoint_dir} forward ({options.dtype}, streamed)")
+        return model
 
 
 def reference_options(options: BackendOptions):
@@ -67,7 +74,7 @@ def reference_options(options: BackendOptions):
             variant = replace(variant, slope_formula=extra["slope_formula"])
         if "chunk_size" in extra:
             kwargs["chunk_size"] = _int(extra["chunk_size"])
-        for key in ("gla_impl", "mla_impl"):
+        for key in ("gla_impl", "mla_impl", "load"):
             if key in extra:
                 kwargs[key] = extra[key]
         return ReferenceOptions(variant=variant, **kwargs)  # type: ignore[arg-type]
