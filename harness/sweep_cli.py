@@ -77,6 +77,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    metavar="FILE:KIND:TARGET[:CASE]",
                    help=f"add another tool's output; KIND one of {', '.join(KINDS)}; "
                         "e.g. bb.txt:llama-batched-bench:llamacpp-f32:flash-mini")
+    p.add_argument("--mtp", action="store_true",
+                   help="instead of the throughput grid: greedy decode tok/s without and with "
+                        "MTP drafting per backend, case and --pp, its breakdown (draft, verify, "
+                        "rollback, bookkeeping), predicted vs measured speed-up and the "
+                        "break-even acceptance (mtp_speed.parquet); e.g. --backends "
+                        "llamacpp,llamacpp:mtp_rollback=seq_rm,mlx --cases mtp-agree")
+    p.add_argument("--mtp-chain", default="1",
+                   help="with --mtp: draft chain lengths, comma-separated (default 1)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (must be empty or absent); default reports/<time>-sweep")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,10 +95,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Measure, import, write the tables and the report; 1 when nothing at all was measured."""
     from harness.pytest_plugin import environment
-    from harness.reporting import write_run
+    from harness.reporting import check_out_dir, write_run
 
-    if args.out is not None and args.out.exists() and any(args.out.iterdir()):
-        raise InputError(f"{args.out}: exists and is not empty; a report is never overwritten")
+    check_out_dir(args.out)
+    if args.mtp:
+        return run_mtp(args)
     case_names = [c.strip() for c in args.cases.split(",") if c.strip()]
     cases_dir = args.cases_dir if args.cases_dir is not None else CASES_DIR
     cases = load_cases(case_names, cases_dir) if case_names else []
@@ -116,9 +125,43 @@ def run(args: argparse.Namespace) -> int:
                 for r in df.itertuples() if r.skip_reason]
     out = write_run([], Path("reports"), title=f"throughput: {', '.join(case_names) or 'imports'}",
                     findings=findings, environment=environment(), name="sweep",
-                    sections=[throughput_section(df)], out=args.out)
-    save_sweep(df, out)
+                    sections=[throughput_section(df)], out=args.out,
+                    extra=lambda folder: save_sweep(df, folder))
     print(to_batched_bench_markdown(df))
+    for finding in findings:
+        print(finding, file=sys.stderr)
+    print(f"report: {out / 'index.html'}")
+    return 0 if (df["skip_reason"] == "").any() else 1
+
+
+def run_mtp(args: argparse.Namespace) -> int:
+    """``sweep --mtp``: the MTP speed table and its report section; 1 when nothing measured."""
+    from harness.mtp_speed import run_mtp_sweep, save_mtp_speed
+    from harness.pytest_plugin import environment
+    from harness.reporting import write_run
+
+    case_names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases_dir = args.cases_dir if args.cases_dir is not None else CASES_DIR
+    cases = load_cases(case_names, cases_dir)
+    targets = parse_targets(args.backends)
+    chains = _ints(args.mtp_chain, "--mtp-chain")
+    if min(chains) < 1:
+        raise InputError(f"--mtp-chain: chain lengths must be >= 1, got {args.mtp_chain!r}")
+    if args.repeats < 1 or args.warmup < 0:
+        raise InputError("--repeats must be >= 1 and --warmup >= 0")
+    df = run_mtp_sweep(targets, cases, prompt_lengths=_ints(args.pp, "--pp"), tg=args.tg,
+                       chains=chains, repeats=args.repeats, warmup=args.warmup,
+                       threads=args.threads)
+    findings = [f"{r.backend} {r.case} context={r.context} chain={r.chain} skipped: "
+                f"{r.skip_reason}" for r in df.itertuples() if r.skip_reason]
+    out = write_run([], Path("reports"), title=f"MTP speed: {', '.join(case_names)}",
+                    findings=findings, environment=environment(), name="mtp-speed",
+                    sections=[mtp_speed_section(df)], out=args.out,
+                    extra=lambda folder: save_mtp_speed(df, folder))
+    cols = ["backend", "case", "context", "chain", "plain_tok_s", "mtp_tok_s",
+            "acceptance_rate", "predicted_speedup", "measured_speedup",
+            "break_even_acceptance", "culprit"]
+    print(df[df["skip_reason"] == ""][cols].to_string(index=False, float_format="%.3f"))
     for finding in findings:
         print(finding, file=sys.stderr)
     print(f"report: {out / 'index.html'}")
@@ -232,9 +275,11 @@ def throughput_section(df: pd.DataFrame) -> Section:
         parts.append(f"<h3>{escape(phase.capitalize())}</h3>")
         parts.append(f'<div class="chart">{_svg(fig, f"throughput-{phase}", label)}</div>')
     measured = _measured(df).sort_values(["target", "case", "source", "B", "depth", "PP", "TG"])
-    parts.append("<h3>Measurements</h3>")
-    parts.append(_table(r for _, r in measured.iterrows()) if len(measured) else
-                 '<p class="muted">No measured points.</p>')
+    if len(measured):
+        parts.append(f"<details><summary>Measurements ({len(measured)} points)</summary>"
+                     f"{_table(r for _, r in measured.iterrows())}</details>")
+    else:
+        parts.append('<h3>Measurements</h3><p class="muted">No measured points.</p>')
     skipped = df[df["skip_reason"] != ""]
     if len(skipped):
         items = "".join(
@@ -244,3 +289,106 @@ def throughput_section(df: pd.DataFrame) -> Section:
         )
         parts.append(f"<h3>Skipped points</h3><ul>{items}</ul>")
     return Section("Throughput", "\n".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# The MTP speed section (sweep --mtp)
+
+_SEGMENTS = (  # (column, label, colour): the cost of one draft step in trunk steps
+    (None, "trunk step (1)", "0.75"), ("term_draft", "MTP head", "C0"),
+    ("term_extra_verify", "extra verify", "C1"), ("term_rollback", "rollback", "C3"),
+    ("term_bookkeeping", "bookkeeping", "C7"),
+)  # fmt: skip
+
+
+def _mtp_label(r: Any) -> str:
+    return f"{r.backend} · {r.case} · ctx {r.context} · chain {r.chain}"
+
+
+def _mtp_figure(rows: pd.DataFrame) -> Figure:
+    """One bar per measured point: the cost of a draft step in trunk steps, stacked by term,
+    against a black tick at what the step yields (1 + accepted drafts): a bar that ends right
+    of its tick is a slowdown, and its widest coloured segment is the culprit."""
+    fig = Figure(figsize=(12, 1.4 + 0.45 * max(len(rows), 1)), layout="constrained")
+    ax = fig.add_subplot()
+    labels = []
+    right = 0.0
+    for i, r in enumerate(rows.itertuples()):
+        left = 0.0
+        for col, name, colour in _SEGMENTS:
+            width = 1.0 if col is None else max(float(getattr(r, col)), 0.0)
+            ax.barh(i, width, left=left, color=colour, edgecolor="white", height=0.6,
+                    label=name if i == 0 else None)
+            left += width
+        gain = 1.0 + float(r.accepted_per_step)
+        right = max(right, left, gain)
+        ax.plot([gain, gain], [i - 0.4, i + 0.4], color="black", lw=2.5,
+                label="yield: 1 + accepted per step" if i == 0 else None)
+        ax.text(max(left, gain) + 0.05, i,
+                f"pred {r.predicted_run_speedup:.2f}× · meas {r.measured_speedup:.2f}× "
+                f"({r.measured_speedup_min:.2f}–{r.measured_speedup_max:.2f}) · "
+                f"break-even {_pct(r.break_even_acceptance)}", va="center", fontsize=8)
+        labels.append(_mtp_label(r))
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("cost of one draft step, in plain trunk steps (T1)")
+    ax.grid(True, axis="x", alpha=0.3)
+    if labels:
+        ax.set_xlim(0, right * 2.1)  # room for the figures written right of each bar
+        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no measured points", transform=ax.transAxes, ha="center")
+    return fig
+
+
+def _pct(value: float) -> str:
+    return "never" if math.isnan(value) else f"{value:.0%}"
+
+
+_MTP_TABLE = (  # (column, header, format)
+    ("plain_tok_s", "tok/s plain", ".1f"), ("mtp_tok_s", "tok/s MTP", ".1f"),
+    ("acceptance_rate", "acceptance", ".2f"), ("accepted_per_step", "accepted/step", ".2f"),
+    ("t1_ms", "T1 ms", ".2f"), ("head_call", "head/T1", ".2f"), ("verify", "verify/T1", ".2f"),
+    ("snapshot", "snapshot/T1", ".3f"), ("restore", "restore/T1", ".3f"),
+    ("refeed", "re-feed/T1", ".2f"), ("term_bookkeeping", "bookkeeping/T1", ".3f"),
+    ("predicted_speedup", "predicted ×", ".2f"), ("measured_speedup", "measured ×", ".2f"),
+    ("measured_speedup_min", "min ×", ".2f"), ("measured_speedup_max", "max ×", ".2f"),
+    ("prediction_within_spread", "pred. in spread", ""),
+    ("break_even_acceptance", "break-even acc.", ".2f"),
+)  # fmt: skip
+
+
+def mtp_speed_section(df: pd.DataFrame) -> Section:
+    """The report's "MTP speed" section: the breakdown chart, the culprit per point in words,
+    the measurements, and skipped points."""
+    measured = df[df["skip_reason"] == ""]
+    parts = [
+        '<p class="muted">Greedy decoding with and without MTP drafting on the same prompt, '
+        "plain and speculative runs interleaved. T1 = one plain trunk step. A draft step costs "
+        "1 + MTP head + extra verify (the 1+k-token verification beyond one token) + rollback "
+        "(snapshot each step; restore and re-feed on a rejection) + driver bookkeeping; it "
+        "yields 1 + accepted drafts. Predicted speed-up = yield / cost; measured = median ratio "
+        "of decode tok/s over the pairs (min–max in brackets). Break-even: the per-draft "
+        "acceptance below which MTP cannot pay at these costs.</p>",
+        f'<div class="chart">{_svg(_mtp_figure(measured), "mtp-speed", "MTP step cost breakdown")}'
+        "</div>",
+    ]
+    if len(measured):
+        items = "".join(f"<li><b>{escape(_mtp_label(r))}</b>: {escape(r.explanation)}</li>"
+                        for r in measured.itertuples())
+        parts.append(f"<h3>What eats the gain</h3><ul>{items}</ul>")
+        head = "".join(f"<th>{escape(h)}</th>" for h in ("backend", "case", "context", "chain"))
+        head += "".join(f"<th>{escape(h)}</th>" for _, h, _ in _MTP_TABLE)
+        body = []
+        for _, r in measured.iterrows():
+            cells = "".join(f"<td>{escape(str(r[c]))}</td>"
+                            for c in ("backend", "case", "context", "chain"))
+            cells += "".join(_cell(r[c], spec) for c, _, spec in _MTP_TABLE)
+            body.append(f"<tr>{cells}</tr>")
+        parts.append(f'<table class="throughput"><tr>{head}</tr>{"".join(body)}</table>')
+    skipped = df[df["skip_reason"] != ""]
+    if len(skipped):
+        items = "".join(f"<li>{escape(_mtp_label(r))}: {escape(r.skip_reason)}</li>"
+                        for r in skipped.itertuples())
+        parts.append(f"<h3>Skipped points</h3><ul>{items}</ul>")
+    return Section("MTP speed", "\n".join(parts))
