@@ -51,8 +51,10 @@ def tests(session: nox.Session) -> None:
     session.env["BAILING_PARITY_REQUIRE_BROWSER"] = "1"
     session.run("ruff", "check", "harness", "references", "ports", "tests", "conftest.py",
                 "noxfile.py")
+    # Two xdist workers, each given its share of the cores (the plugin limits torch's and
+    # llama.cpp's threads): many tests wait on child processes, so this shortens the run.
     session.run("pytest", "tests", "cases", *PARITY_ARGS, "--gate-baseline", str(BASELINE),
-                *session.posargs)
+                "-n", "2", *session.posargs)
     session.run("python", "-m", "harness", "browser-check", str(newest_run()))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from harness.backends.llamacpp_backend import model_findings
 from harness.cases import DEFAULT_TOLERANCES
 from harness.compare import PairResult, explain_divergence
-from harness.errors import ArchitectureNotSupported, InputError, PortFailure
+from harness.errors import ArchitectureNotSupported, InputError, PortFailure, ReferenceFailure
 from harness.families import load_checkpoint_config
 from harness.golden_cli import check_candidates, golden_inputs
 from harness.pytest_plugin import environment
@@ -206,7 +206,10 @@ def run_parity(args: argparse.Namespace) -> int:
         # The reference runs first and alone (validating the checkpoint before any candidate);
         # its captures are kept, its weights freed, then each candidate is loaded, run and
         # freed in turn.
-        runner.captures(reference, checkpoint, tokens, "prefill", args.decode_steps)
+        try:
+            runner.captures(reference, checkpoint, tokens, "prefill", args.decode_steps)
+        except PortFailure as e:  # nothing to judge ports against: not a finding about a port
+            raise ReferenceFailure(f"the reference could not run {checkpoint}: {e}") from None
         runner.release(checkpoint, reference)
     verdict = RunVerdict()
     prompt = f"{len(tokens)} tokens"

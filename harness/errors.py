@@ -14,6 +14,11 @@ class PortFailure(Exception):
     """A backend under test crashed or hung: a finding about the port, not about the harness."""
 
 
+class ReferenceFailure(InputError):
+    """The reference itself could not run the checkpoint: no verdict about any port is possible
+    (exit 2, like bad input, with the reference's error named)."""
+
+
 class ArchitectureNotSupported(InputError):
     """The port (its converter or its library) has no implementation of this architecture.
 

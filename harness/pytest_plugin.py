@@ -8,7 +8,9 @@ a failing item's message names the first divergent capture point and its metric.
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
+import os
 import pickle
 import platform
 from importlib import metadata
@@ -79,6 +81,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(VerdictRecorder(config), "bailing-parity-verdicts")
     config.addinivalue_line("markers", "benchmark_item: a --benchmark throughput item")
     config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker")
+    if is_xdist_worker(config):
+        share_cores(int(config.workerinput.get("workercount", 1)))
     if getattr(config.option, "dist", "no") == "load":  # -n N alone: keep each case together
         config.option.dist = "loadgroup"
     if config.getoption("--benchmark", default=False):
@@ -358,6 +362,20 @@ WORKER_OUTPUT = "bailing_parity"
 
 def is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
+
+
+def share_cores(workers: int) -> None:
+    """Give each xdist worker its share of the cores: torch's, MLX's and llama.cpp's thread
+    pools each default to every core, and N workers times that oversubscribes the machine
+    (measured: 4 cases took 28 s on one worker and 391 s on two with default threads)."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "BAILING_PARITY_THREADS"):  # the last: llama.cpp workers' default n_threads
+        os.environ[var] = str(threads)  # children (llama.cpp workers, converters) inherit it
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def worker_payload(runner: Runner, bench: BenchSession | None) -> str:

@@ -205,3 +205,18 @@ def test_a_run_killed_while_writing_its_report_leaves_no_finished_looking_folder
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary sibling left either
     code = parity("--checkpoint", str(checkpoint), "--backends", "mlx", "--out", str(out))
     assert code == 0 and assert_one_verdict(code, out)["passed"]
+
+
+def test_a_reference_that_cannot_run_is_exit_2_naming_it_not_a_traceback(checkpoint, tmp_path,
+                                                                        capsys, monkeypatch):
+    from references.model import BailingHybridReference
+
+    def broken(self, *_a, **_k):
+        raise RuntimeError("reference exploded")
+
+    monkeypatch.setattr(BailingHybridReference, "start", broken)
+    out = tmp_path / "run"
+    err = input_error(capsys, "--checkpoint", str(checkpoint), "--backends", "mlx",
+                      "--out", str(out))
+    assert "the reference could not run" in err and "reference exploded" in err
+    assert not out.exists()

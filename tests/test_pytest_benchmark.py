@@ -8,6 +8,7 @@ sweep's table in llama-batched-bench's columns.  Without ``--benchmark`` no such
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,11 @@ TINY = ["--backends", "mlx", "--bench-pp", "8,16", "--bench-tg", "2", "--bench-r
 
 
 def pytest_run(*args: str) -> subprocess.CompletedProcess:
+    # An xdist worker's variables would make pytest-benchmark in the child disable itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     return subprocess.run([sys.executable, "-m", "pytest", "cases", "-p", "no:cacheprovider",
-                           "-q", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "-q", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
 
 
 @pytest.mark.slow

@@ -37,6 +37,8 @@ _KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}
 _LOG_DEBUG, _LOG_CONT = 1, 5  # enum ggml_log_level
 
 
+THREADS_ENV = "BAILING_PARITY_THREADS"  # the default thread count, when set
+
 class WorkerError(Exception):
     """A request failed in a way the worker survived (bad file, decode error); sent as a reply."""
 
@@ -207,7 +209,9 @@ class Engine:
         """``llama_context_params`` from a :class:`ContextParams` record: one sequence, the
         parity-first defaults, this engine's eval callback (every context it makes captures)."""
         ll = self.ll
-        n_threads = int(params.get("n_threads") or os.cpu_count() or 1)
+        # default: every core, or the share the parent was given (pytest-xdist workers)
+        n_threads = int(params.get("n_threads") or os.environ.get(THREADS_ENV)
+                        or os.cpu_count() or 1)
         cp = ll.llama_context_default_params()
         cp.n_ctx = int(params.get("n_ctx", 512))
         cp.n_batch = int(params.get("n_batch", cp.n_ctx))
