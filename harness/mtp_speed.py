@@ -33,6 +33,7 @@ import pandas as pd
 
 from harness.errors import InputError
 from harness.mtp import MtpModel, MtpSession, SpecResult, plain_greedy, speculative_greedy
+from harness.sweep import save_table
 
 if TYPE_CHECKING:
     from harness.cases import Case
@@ -528,12 +529,4 @@ def run_mtp_sweep(
 
 def save_mtp_speed(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Write ``mtp_speed.parquet`` and ``mtp_speed.csv`` (never over earlier results)."""
-    out = Path(out_dir)
-    paths = [out / "mtp_speed.parquet", out / "mtp_speed.csv"]
-    for p in paths:
-        if p.exists():
-            raise FileExistsError(f"{p}: exists; a sweep never overwrites earlier results")
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(paths[0], index=False)
-    df.to_csv(paths[1], index=False)
-    return paths
+    return save_table(df, out_dir, "mtp_speed")

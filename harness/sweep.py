@@ -89,8 +89,13 @@ def throughput_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
 def save_sweep(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Write ``throughput.parquet`` and ``throughput.csv`` into ``out_dir``; never overwrite."""
+    return save_table(df, out_dir, "throughput")
+
+
+def save_table(df: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
+    """Write ``<stem>.parquet`` and ``<stem>.csv`` into ``out_dir``; never overwrite."""
     out_dir = Path(out_dir)
-    paths = [out_dir / "throughput.parquet", out_dir / "throughput.csv"]
+    paths = [out_dir / f"{stem}.parquet", out_dir / f"{stem}.csv"]
     for p in paths:
         if p.exists():
             raise FileExistsError(f"{p}: exists; a sweep never overwrites earlier results")

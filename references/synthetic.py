@@ -109,19 +109,22 @@ class Shaping:
         return values
 
 
+def _initialised(spec: TensorSpec, normal: np.ndarray) -> np.ndarray:
+    """Standard normal draws scaled as the tensor's :class:`Init` says."""
+    if spec.init is Init.LINEAR:
+        return normal / np.sqrt(spec.shape[-1])
+    if spec.init is Init.EMBED:
+        return normal
+    if spec.init is Init.NORM:
+        return 1.0 + 0.1 * normal
+    return 0.1 * normal  # Init.BIAS
+
+
 def generate_tensor(spec: TensorSpec, seed: int, shaping: Shaping | None = None) -> np.ndarray:
     """A deterministic random tensor: seeded by the case seed and the tensor's name."""
     name_seed = int.from_bytes(hashlib.sha256(spec.name.encode()).digest()[:8], "little")
     rng = np.random.default_rng([seed, name_seed])
-    normal = rng.standard_normal(spec.shape)
-    if spec.init is Init.LINEAR:
-        values = normal / np.sqrt(spec.shape[-1])
-    elif spec.init is Init.EMBED:
-        values = normal
-    elif spec.init is Init.NORM:
-        values = 1.0 + 0.1 * normal
-    else:  # Init.BIAS
-        values = 0.1 * normal
+    values = _initialised(spec, rng.standard_normal(spec.shape))
     if shaping is not None:
         values = shaping.apply(spec, values)
     return values.astype(np.float32)
@@ -141,15 +144,7 @@ def generate_rows(
         step = rows  # the identity block needs the whole eh_proj (4096 x 8192 at flash widths)
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
-        normal = rng.standard_normal((n, *spec.shape[1:]) if spec.shape else ())
-        if spec.init is Init.LINEAR:
-            values = normal / np.sqrt(spec.shape[-1])
-        elif spec.init is Init.EMBED:
-            values = normal
-        elif spec.init is Init.NORM:
-            values = 1.0 + 0.1 * normal
-        else:  # Init.BIAS
-            values = 0.1 * normal
+        values = _initialised(spec, rng.standard_normal((n, *spec.shape[1:]) if spec.shape else ()))
         if shaping is not None:
             values = shaping.apply(spec, values)
         yield values
