@@ -171,14 +171,15 @@ BENCH_FUNCTIONS: dict[str, Callable[..., None]] = {"prefill": _prefill, "decode"
 
 def bench_items(parent: pytest.File, case: Case, targets: Sequence[Target],
                 session: BenchSession) -> Iterator[pytest.Function]:
-    """Items ``<target>::pp<PP>-tg<TG>::<step>`` of one case file, through the ``benchmark``
+    """Items ``<case>::<target>::pp<PP>-tg<TG>::<step>`` of one case file, through the ``benchmark``
     fixture of pytest-benchmark."""
     for target in targets:
         for pp in session.grid.prompt_lengths:
             for step in STEPS:
                 fn = functools.partial(BENCH_FUNCTIONS[step], session=session, target=target,
                                        case=case, pp=pp)
-                name = f"{target.label}::pp{pp}-tg{session.grid.tg}::{step}"
+                # the case in the name too: pytest-benchmark's tables and JSON show names only
+                name = f"{case.name}::{target.label}::pp{pp}-tg{session.grid.tg}::{step}"
                 item = pytest.Function.from_parent(parent, name=name, callobj=fn)
                 item.add_marker(pytest.mark.benchmark_item)
                 item.add_marker(pytest.mark.xdist_group(case.name))
