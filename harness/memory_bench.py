@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from typing import Any
 
 from harness.atomic import write_text
 from harness.errors import InputError
+from references.host import available_memory, peak_rss
 
 SAFE_FRACTION = 0.6  # of MemAvailable, for an in-memory load this benchmark will attempt
 CAPTURE_CHOICES = ("all", "logits")
@@ -87,32 +87,6 @@ def read_bandwidth(ckpt: Path, limit: int = 4 * 2**30, cold: bool = True) -> flo
         if done >= limit:
             break
     return done / max(time.perf_counter() - start, 1e-9)
-
-
-def peak_rss() -> int:
-    """This process's peak resident set in bytes (VmHWM; ru_maxrss where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from references.weights import physical_memory
-
-    return physical_memory() // 2
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:

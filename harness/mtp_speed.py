@@ -33,7 +33,7 @@ import pandas as pd
 
 from harness.errors import InputError
 from harness.mtp import MtpModel, MtpSession, SpecResult, plain_greedy, speculative_greedy
-from harness.sweep import save_table
+from harness.sweep import save_table, typed_frame
 
 if TYPE_CHECKING:
     from harness.cases import Case
@@ -152,17 +152,10 @@ class PlainTiming:
 
 
 @dataclass(frozen=True)
-class SpecTiming:
+class SpecTiming(PlainTiming):
     """A speculative run's decode phase, its per-kind log and its acceptance."""
 
-    decode_s: float
-    tokens: int
-    log: CallLog
     result: SpecResult
-
-    @property
-    def tok_s(self) -> float:
-        return self.tokens / self.decode_s if self.decode_s > 0 else math.nan
 
 
 def time_plain(model: TimedModel, prompt: Sequence[int], n_new: int) -> PlainTiming:
@@ -464,17 +457,8 @@ _INT = ("chain", "context", "n_new", "repeats")
 def mtp_speed_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The ``mtp_speed.parquet`` table: one row per case x backend x context x chain, every
     column of :data:`COLUMNS` typed (a skipped point keeps its reason and NaN figures)."""
-    df = pd.DataFrame.from_records(list(rows), columns=list(COLUMNS))
-    for col in COLUMNS:
-        if col in _STR:
-            df[col] = df[col].astype(object).where(df[col].notna(), "").astype(str)
-        elif col in _INT:
-            df[col] = pd.array(df[col], dtype="Int64")
-        elif col == "prediction_within_spread":
-            df[col] = df[col].astype("boolean")
-        else:
-            df[col] = df[col].astype(np.float64)
-    return df
+    return typed_frame(rows, COLUMNS, strings=_STR, ints=_INT, special={
+        "prediction_within_spread": lambda c: c.astype("boolean")})
 
 
 def run_mtp_sweep(

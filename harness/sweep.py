@@ -44,6 +44,7 @@ from harness.roofline import (
 )
 from harness.targets import Target, get_backend
 from references.config import BailingHybridConfig, config_from_dict
+from references.host import peak_rss, physical_memory, proc_bytes
 
 SOURCE = "harness"
 BATCHED_BENCH_COLUMNS = ("PP", "TG", "B", "N_KV", "T_PP", "S_PP", "T_TG", "S_TG", "T", "S")
@@ -72,16 +73,31 @@ DEFAULT_MAX_POINT_S = 300.0
 
 def throughput_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """The throughput table: every column of :data:`COLUMNS`, in order, typed; ints stay ints."""
-    df = pd.DataFrame.from_records(list(records), columns=list(COLUMNS))
-    for col in COLUMNS:
-        if col in _STR_COLUMNS:
+    return typed_frame(records, COLUMNS, strings=_STR_COLUMNS, ints=_INT_COLUMNS, special={
+        "weight_bytes_per_token": lambda c: pd.array(
+            [None if v is None or pd.isna(v) else round(v) for v in c], dtype="Int64"),
+    })
+
+
+def typed_frame(
+    records: Iterable[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    strings: Iterable[str],
+    ints: Iterable[str],
+    special: Mapping[str, Callable[[pd.Series], Any]] | None = None,
+) -> pd.DataFrame:
+    """A table with exactly ``columns``, in order: strings ('' for missing), nullable ints,
+    ``special`` converters, and float64 for everything else (so parquet types never drift)."""
+    strings, ints, special = set(strings), set(ints), dict(special or {})
+    df = pd.DataFrame.from_records(list(records), columns=list(columns))
+    for col in columns:
+        if col in special:
+            df[col] = special[col](df[col])
+        elif col in strings:
             df[col] = df[col].astype(object).where(df[col].notna(), "").astype(str)
-        elif col in _INT_COLUMNS:
+        elif col in ints:
             df[col] = pd.array(df[col], dtype="Int64")
-        elif col == "weight_bytes_per_token":
-            df[col] = pd.array(
-                [None if v is None or pd.isna(v) else round(v) for v in df[col]], dtype="Int64"
-            )
         else:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     return df
@@ -186,14 +202,10 @@ def estimate_memory_mb(
 
 
 def default_memory_budget_mb() -> float:
-    """Half the memory available now (Linux /proc/meminfo), else half of physical memory."""
-    with contextlib.suppress(OSError, AttributeError):
-        found = re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
-        if found:
-            return int(found.group(1)) / 1024 / 2
-    with contextlib.suppress(ValueError, OSError, AttributeError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 / 2
-    return math.inf
+    """Half the memory available now (Linux /proc/meminfo), else half of physical memory;
+    unbounded where neither is known."""
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    return (available if available is not None else physical_memory()) / 2**20 / 2 or math.inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,14 +224,7 @@ def _reset_peak_rss() -> bool:
 
 def peak_rss_mb() -> float:
     """The process's RSS high-water mark in MiB (since the last reset where one was possible)."""
-    with contextlib.suppress(OSError):
-        found = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-        if found:
-            return int(found.group(1)) / 1024
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB else
+    return peak_rss() / 2**20
 
 
 def _mlx() -> Any | None:

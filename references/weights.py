@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
-import platform
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -27,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from harness.errors import InputError
+from references.host import physical_memory
 
 LoadMode = Literal["auto", "memory", "streamed"]
 LOAD_MODES: tuple[str, ...] = ("auto", "memory", "streamed")
@@ -182,27 +180,6 @@ def streamed_source(
         shapes={n: shapes[n] for n in expected},
         itemsize={n: _ST_DTYPES[dtypes[n]] for n in expected},
     )
-
-
-def physical_memory() -> int:
-    """Bytes of RAM on this machine (Linux: /proc/meminfo; macOS: sysctl); 0 if unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if platform.system() == "Darwin":
-        try:
-            return int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True,
-                                      text=True, check=True).stdout.strip())
-        except (OSError, ValueError, subprocess.CalledProcessError):
-            return 0
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 0
 
 
 def in_memory_bytes(n_elements: int, dtype: torch.dtype) -> int:
