@@ -59,6 +59,41 @@ def site(vendored: Path) -> Path:
 # ---- fast ---------------------------------------------------------------------------------
 
 
+def test_two_workers_converting_one_checkpoint_convert_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pytest-xdist workers asking for the same GGUF at once: one converts, the other waits.
+
+    Before the lock, both wrote one ``.part`` and the first rename left the second with nothing
+    (CI: "converting ... failed (0)").
+    """
+    import threading
+    import time
+
+    monkeypatch.setenv("BAILING_PARITY_CACHE", str(tmp_path / "cache"))
+    calls: list[int] = []
+
+    def slow_convert(checkpoint: Path, out: Path, outtype: str, series: object = None) -> Path:
+        calls.append(threading.get_ident())
+        time.sleep(0.3)
+        out.write_bytes(b"GGUF")
+        return out
+
+    monkeypatch.setattr(port, "convert", slow_convert)
+    results: list[Path] = []
+    workers = [
+        threading.Thread(target=lambda: results.append(port.converted(tmp_path / "ckpt")))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(calls) == 1
+    assert len(results) == 2 and results[0] == results[1] and results[0].read_bytes() == b"GGUF"
+
+
+
 def test_patch_series_is_ordered_and_nonempty() -> None:
     ps = port.patches()
     assert [p.name[:4] for p in ps] == [f"{i:04d}" for i in range(1, len(ps) + 1)]

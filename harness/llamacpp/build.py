@@ -32,10 +32,11 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harness import lifecycle
+from harness.atomic import locked
 from harness.progress import Event, Progress, follow_log, ninja_step
 
 DEFAULT_VERSION = "0.3.36"
@@ -203,25 +204,11 @@ def ensure_wheel(
     wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))
     if wheels:
         return wheels[0]
-    with _locked(cache_root() / ".build.lock"):
+    with locked(cache_root() / ".build.lock"):
         wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))
         if wheels:  # another process built it while we waited
             return wheels[0]
         return _build(version, cmake_args, patches, key, wheel_dir)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl) held for the duration of the block."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # Stages of `pip wheel` before and after the compiler runs (ninja's [k/N] lines in between).

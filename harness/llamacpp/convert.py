@@ -670,10 +670,10 @@ def convert(
             if (hit := _cached(result_path)) is not None:
                 return hit
 
-    from harness.llamacpp.build import _locked
+    from harness.atomic import locked
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out_dir.parent / f".{key}.lock"):
+    with locked(out_dir.parent / f".{key}.lock"):
         rebuilt = None
         if not force:
             try:

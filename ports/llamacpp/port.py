@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from harness.atomic import locked
 from harness.llamacpp import build
 from harness.llamacpp.names import PortNames
 
@@ -136,6 +137,13 @@ def converter_tree(series: list[Path] | None = None, version: str = build.DEFAUL
     root = build.cache_root() / "port-convert" / f"{version}-{series_key(series)}"
     if (root / ".complete").is_file():
         return root
+    with locked(root.with_name(f".{root.name}.lock")):
+        if (root / ".complete").is_file():  # another process built it while we waited
+            return root
+        return _build_converter_tree(root, series, version)
+
+
+def _build_converter_tree(root: Path, series: list[Path], version: str) -> Path:
     src = build.sdist_tree(version) / "vendor" / "llama.cpp"
     tmp = Path(
         tempfile.mkdtemp(
@@ -275,7 +283,9 @@ def convert(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bailing-stage-") as tmp:
         staged = stage_checkpoint(Path(checkpoint), Path(tmp) / "model")
-        part = out.with_name(out.name + ".part")
+        # One .part per process: two xdist workers converting the same checkpoint must not
+        # rename each other's file away (seen in CI as "failed (0)" with no output file).
+        part = out.with_name(f"{out.name}.{os.getpid()}.part")
         cmd = [
             sys.executable,
             "-c",
@@ -302,5 +312,7 @@ def converted(checkpoint: Path, outtype: str = "f32", series: list[Path] | None 
     key = hashlib.sha256(f"{checkpoint}\0{series_key(series)}\0{outtype}".encode()).hexdigest()[:16]
     out = build.cache_root() / "port-gguf" / f"{checkpoint.name}-{outtype}-{key}.gguf"
     if not out.is_file():
-        convert(checkpoint, out, outtype, series=series)
+        with locked(out.with_name(f".{out.name}.lock")):
+            if not out.is_file():  # another process converted it while we waited
+                convert(checkpoint, out, outtype, series=series)
     return out
