@@ -2,7 +2,7 @@
 
 Accepts one ``model.safetensors``, or shards listed by ``model.safetensors.index.json``, plus any
 other ``model*.safetensors`` (upstream keeps the MTP layer in ``model-mtp-layer.safetensors``).
-Every problem is an :class:`~harness.errors.InputError` naming the file and tensor.
+Every problem is an :class:`~harness.core.errors.InputError` naming the file and tensor.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from references.checkpoint_spec import expected_tensors
 from references.config import BailingHybridConfig
 

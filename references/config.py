@@ -1,7 +1,7 @@
 """The Ling-2.6 (`BailingMoeV2_5ForCausalLM`) config as a typed, validated object.
 
 Parsed from an HF ``config.json``; every missing or ill-typed key becomes an
-:class:`~harness.errors.InputError` that names the file and the key, before any weight is read.
+:class:`~harness.core.errors.InputError` that names the file and the key, before any weight is read.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from references.disputed_keys import check_disputed
 
 ARCHITECTURE = "BailingMoeV2_5ForCausalLM"

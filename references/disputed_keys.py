@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 
 
 @dataclass(frozen=True)

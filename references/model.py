@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness import capture_points
-from harness.errors import InputError
+from harness.core import capture_points
+from harness.core.errors import InputError
 from references.checkpoint_io import planned_tensors, read_tensors
 from references.config import BailingHybridConfig, load_config
 from references.disputed_keys import check_disputed
@@ -558,7 +558,7 @@ class BailingHybridReference:
         if unknown:
             raise ValueError(
                 f"unknown capture point(s) {sorted(unknown)} for a {self.n_layers}-layer model; "
-                "see harness.capture_points"
+                "see harness.core.capture_points"
             )
         return frozenset(capture) | {"result_output"}
 

@@ -7,7 +7,7 @@ a way to undo a rejected verification.  :class:`DraftingSession` is that bookkee
 both families; :class:`ReferenceMtpSession` runs it on the Ling-2.6 reference's own blocks
 (``block_forward``, the weights, the variant knobs), so a mutant reference drafts the way the wrong
 port it models would; ``references.ling3.mtp`` runs it on Ling 3.0.  Both implement
-:class:`harness.mtp.MtpSession`.
+:class:`harness.checks.mtp.MtpSession`.
 
 MTP bookkeeping (doc §3.1): MTP position t reads the trunk hidden h_t and the embedding of token
 t+1; its MLA cache holds one entry per committed position, in step with the trunk.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from references.mla import MLACache
 from references.model import BailingHybridReference, Cache
 from references.ops import rms_norm
@@ -162,7 +162,7 @@ class DraftingSession(ABC):
 
 
 class ReferenceMtpModel:
-    """A loaded reference with an MTP head, as a :class:`harness.mtp.MtpModel`."""
+    """A loaded reference with an MTP head, as a :class:`harness.checks.mtp.MtpModel`."""
 
     def __init__(self, model: BailingHybridReference, label: str = "torch-float64") -> None:
         if model.mtp is None:
@@ -179,7 +179,7 @@ class ReferenceMtpModel:
 
     def capture(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
         """Teacher forcing: every mtp_* point for positions 0..T-2 and the trunk's logits."""
-        from harness.capture_points import MTP_POINTS
+        from harness.core.capture_points import MTP_POINTS
 
         names = [p.stem for p in MTP_POINTS]
         return self.model.start([*names, "result_output"]).feed(list(tokens))

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from references.checkpoint_spec import Init, TensorSpec, expected_tensors
 from references.config import config_from_dict
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from references.host import physical_memory
 
 LoadMode = Literal["auto", "memory", "streamed"]

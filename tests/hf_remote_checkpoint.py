@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness.cases import load_case, write_checkpoint
+from harness.checks.cases import load_case, write_checkpoint
 
 REMOTE_CODE = Path(__file__).resolve().parent / "remote_code"
 MODELING = "modeling_ling26_remote.py"

@@ -1,5 +1,5 @@
 """The benchmark shapes in cases/bench/ load, have the sizes they claim, materialise, and stay out
-of the parity suite; harness.bench_port's byte accounting.  Nothing here runs a benchmark."""
+of the parity suite; harness.perf.bench_port's byte accounting.  Nothing here runs a benchmark."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.bench_port import BENCH_DIR, DEFAULT_CASES, gguf_tensor_bytes
-from harness.cases import CASES_DIR, load_cases, materialize
-from harness.roofline import weight_bytes_per_token
+from harness.checks.cases import CASES_DIR, load_cases, materialize
+from harness.perf.bench_port import BENCH_DIR, DEFAULT_CASES, gguf_tensor_bytes
+from harness.perf.roofline import weight_bytes_per_token
 from references.checkpoint_spec import expected_tensors
 from references.config import config_from_dict
 
@@ -49,7 +49,7 @@ def _ling3_param_counts() -> tuple[int, int]:
 
 def test_the_bench_cases_load_from_their_own_folder_and_are_not_parity_cases() -> None:
     bench = {c.name: c for c in load_cases(cases_dir=BENCH_DIR)}
-    # flash-widths: the memory benchmark's shape (harness.memory_bench), not a throughput case
+    # flash-widths: the memory benchmark's shape (harness.perf.memory_bench), not a throughput case
     assert set(bench) == {*DEFAULT_CASES, "flash-widths"}
     assert set(DEFAULT_CASES) == {"ling26-100m", "ling3-100m"}
     assert bench["ling26-100m"].family == "ling26" and bench["ling3-100m"].family == "ling3"
@@ -115,7 +115,7 @@ def test_gguf_byte_accounting_counts_one_embedding_row_and_the_used_experts(tmp_
 
 
 def test_the_sweep_cli_finds_cases_in_another_folder(tmp_path: Path) -> None:
-    from harness.sweep_cli import add_parser, run
+    from harness.cli.sweep import add_parser, run
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))

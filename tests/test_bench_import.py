@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.bench_import import (
+from harness.core.errors import InputError
+from harness.perf.bench_import import (
     batched_bench_header,
     format_batched_bench_row,
     import_file,
@@ -17,8 +18,7 @@ from harness.bench_import import (
     parse_import_spec,
     to_batched_bench_markdown,
 )
-from harness.errors import InputError
-from harness.sweep import COLUMNS
+from harness.perf.sweep import COLUMNS
 
 # llama-batched-bench -m flash-mini-f32.gguf -c 16384 -npp 128,512,2048 -ntg 32 -npl 1,2,4
 BATCHED_BENCH = """\

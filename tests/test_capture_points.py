@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import capture_points as cp
+from harness.core import capture_points as cp
 
 
 def test_layer_points_use_llama_cpp_eval_callback_names():

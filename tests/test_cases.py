@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from harness.cases import load_case, load_cases, materialize
-from harness.errors import InputError
+from harness.checks.cases import load_case, load_cases, materialize
+from harness.core.errors import InputError
 from references.checkpoint_io import read_state_dict
 from references.config import load_config
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from harness.cli import main
+from harness.cli.main import main
 from tests.upstream_writer import write_upstream_checkpoint
 
 MLX_MODULE = Path(__import__("mlx_lm").__file__).parent / "models" / "bailing_hybrid.py"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import reporting
-from harness.cli import HARD_PROMPT_CAP, main
+from harness.cli.main import HARD_PROMPT_CAP, main
+from harness.report import run_folder as reporting
 from tests.upstream_writer import write_upstream_checkpoint
 
 MLX_MODULE = Path(__import__("mlx_lm").__file__).parent / "models" / "bailing_hybrid.py"
@@ -107,7 +107,7 @@ def test_a_port_calling_sys_exit_0_is_a_port_failure_not_a_silent_pass(checkpoin
 
 def test_a_port_that_cannot_run_here_compared_nothing_and_fails(checkpoint, tmp_path,
                                                               monkeypatch):
-    from harness.runner import Runner
+    from harness.checks.runner import Runner
 
     real = Runner.availability
     monkeypatch.setattr(Runner, "availability", lambda self, t: (False, "no mlx here")
@@ -170,7 +170,7 @@ def test_a_prompt_beyond_the_hard_cap_is_refused_even_when_lifted(checkpoint, tm
 
 def test_out_pointing_at_a_file_is_refused_before_compute(checkpoint, tmp_path, capsys,
                                                           monkeypatch):
-    monkeypatch.setattr("harness.runner.Runner.model", _no_compute)
+    monkeypatch.setattr("harness.checks.runner.Runner.model", _no_compute)
     target = tmp_path / "notes.txt"
     target.write_text("mine")
     err = input_error(capsys, "--checkpoint", str(checkpoint), "--out", str(target))
@@ -178,7 +178,7 @@ def test_out_pointing_at_a_file_is_refused_before_compute(checkpoint, tmp_path, 
 
 
 def test_out_under_a_file_is_refused_before_compute(checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("harness.runner.Runner.model", _no_compute)
+    monkeypatch.setattr("harness.checks.runner.Runner.model", _no_compute)
     (tmp_path / "notes.txt").write_text("mine")
     err = input_error(capsys, "--checkpoint", str(checkpoint),
                       "--out", str(tmp_path / "notes.txt" / "run"))

@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.capture_points import LAYER_POINTS, MTP_POINTS, TRUNK_POINTS
-from harness.compare import (
+from harness.checks.compare import (
     COLUMNS,
     PAIR_COLUMNS,
     Tolerance,
@@ -27,6 +26,7 @@ from harness.compare import (
     save_results,
     top1_agreement,
 )
+from harness.core.capture_points import LAYER_POINTS, MTP_POINTS, TRUNK_POINTS
 
 TOL = Tolerance(nmse=1e-8, top1=1.0, index_agreement=1.0)
 LLAMA_PERPLEXITY_KLD_NAMES = [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from references.config import config_from_dict
 from references.disputed_keys import DISPUTED_KEYS, check_disputed
 from tests.tiny_checkpoint import tiny_config

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import lifecycle
-from harness.lifecycle import Terminated
+from harness.core import lifecycle
+from harness.core.lifecycle import Terminated
 from harness.llamacpp.client import WORKDIR_PREFIX, WorkerClient
 from tests.proc_tools import is_dead, wait_dead
 
@@ -151,7 +151,7 @@ def test_a_worker_dies_with_its_harness_even_when_the_harness_is_sigkilled(
 
 def test_the_next_worker_sweeps_the_folder_of_a_harness_killed_outright(tmp_path: Path) -> None:
     killed = _run_py(
-        "import os\nfrom harness import lifecycle\n"
+        "import os\nfrom harness.core import lifecycle\n"
         f"lifecycle.owned_tempdir({WORKDIR_PREFIX!r})\nos._exit(0)\n",
         tmp_path,
     )

@@ -1,7 +1,7 @@
 """SIGTERM at five moments of a llama.cpp parity run leaves nothing behind, and the next run works.
 
 For each moment (loading, converting, capturing, comparing, writing the report) the CLI runs in
-its own session with ``BAILING_PARITY_PAUSE_AT`` set (:func:`harness.lifecycle.stage`), gets
+its own session with ``BAILING_PARITY_PAUSE_AT`` set (:func:`harness.core.lifecycle.stage`), gets
 SIGTERM when it says it paused, and must then: exit 143; leave no process of its session (the
 capture worker, the converter); leave nothing in its private TMPDIR (``bailing-llamacpp-*``
 folders, ``feed-*.npz``); leave no temporary GGUF in the conversion cache; leave no ``--out``
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.lifecycle import PAUSE_ENV, PAUSE_MARKER
+from harness.core.lifecycle import PAUSE_ENV, PAUSE_MARKER
 from harness.llamacpp.client import WORKDIR_PREFIX
 from harness.llamacpp.testing import require_llamacpp
 from tests.proc_tools import session_members

@@ -7,13 +7,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.cases import load_case, materialize
-from harness.compare import save_results
-from harness.errors import InputError
-from harness.gate import GateRules, gate, load_baseline, load_run, save_baseline
-from harness.gate_cli import run as gate_cli
-from harness.runner import Runner
-from harness.targets import Target
+from harness.backends.targets import Target
+from harness.checks.cases import load_case, materialize
+from harness.checks.compare import save_results
+from harness.checks.gate import GateRules, gate, load_baseline, load_run, save_baseline
+from harness.checks.runner import Runner
+from harness.cli.gate import run as gate_cli
+from harness.core.errors import InputError
 
 CASES = Path(__file__).resolve().parent.parent / "cases"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.cli import main
-from harness.errors import InputError
-from harness.gate import gate, load_baseline, save_baseline
+from harness.checks.gate import gate, load_baseline, save_baseline
+from harness.cli.main import main
+from harness.core.errors import InputError
 
 STORED_BASELINE = Path(__file__).resolve().parent.parent / "baselines" / "parity.json"
 REF = "torch-float64"

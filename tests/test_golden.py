@@ -12,8 +12,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from harness.backends.torch_backend import TorchBackend
-from harness.cli import main
-from harness.golden import MANIFEST, open_golden
+from harness.checks.golden import MANIFEST, open_golden
+from harness.cli.main import main
 from tests.upstream_writer import write_upstream_checkpoint
 
 MLX_MODULE = Path(__import__("mlx_lm").__file__).parent / "models" / "bailing_hybrid.py"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.cases import load_case, materialize
+from harness.checks.cases import load_case, materialize
 
 ROOT = Path(__file__).resolve().parent.parent
 CASE = ROOT / "cases" / "bench" / "ling26-100m.toml"
-CHILD = ("import sys; from harness.cli import main; rc = main(sys.argv[1:]); "
+CHILD = ("import sys; from harness.cli.main import main; rc = main(sys.argv[1:]); "
          "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')); "
          "print('PEAK', rc, int(hwm.split()[1]) * 1024, file=sys.stderr)")
 

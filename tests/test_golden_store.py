@@ -1,5 +1,5 @@
 """The storage dtype of a golden run, measured against the default tolerances
-(harness.cases.DEFAULT_TOLERANCES): a float32 store's rounding sits far below the float32 and
+(harness.checks.cases.DEFAULT_TOLERANCES): a float32 store's rounding sits far below the float32 and
 bfloat16 candidates' NMSE tolerances but above the float64 candidates' 1e-18, which is why
 float64 is the default and a float32 store is refused for float64 candidates."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.cases import DEFAULT_TOLERANCES
-from harness.cli import main
-from harness.compare import nmse
-from harness.golden import open_golden
+from harness.checks.cases import DEFAULT_TOLERANCES
+from harness.checks.compare import nmse
+from harness.checks.golden import open_golden
+from harness.cli.main import main
 from tests.upstream_writer import write_upstream_checkpoint
 
 

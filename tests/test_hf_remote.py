@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import capture_points
 from harness.backends.base import BackendOptions
 from harness.backends.hf_remote import HfRemoteBackend, remote_code_of
-from harness.cases import DEFAULT_TOLERANCES
-from harness.errors import ArchitectureNotSupported, InputError
-from harness.runner import Runner
-from harness.slope_convention import chosen, detect
-from harness.targets import Target
+from harness.backends.targets import Target
+from harness.checks.cases import DEFAULT_TOLERANCES
+from harness.checks.runner import Runner
+from harness.checks.slope_convention import chosen, detect
+from harness.core import capture_points
+from harness.core.errors import ArchitectureNotSupported, InputError
 from tests.hf_remote_checkpoint import MODELING, write_remote_checkpoint
 from tests.tiny_checkpoint import write_tiny_checkpoint
 

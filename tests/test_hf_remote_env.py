@@ -19,7 +19,7 @@ from harness.backends.hf_remote_env import (
     remote_env,
     unmet_requirements,
 )
-from harness.errors import InputError, PortFailure
+from harness.core.errors import InputError, PortFailure
 
 MAIN = version("transformers")
 
@@ -111,7 +111,7 @@ def test_remote_code_runs_on_the_pinned_transformers_within_float32_tolerance(tm
     """The real overlay (built with pip on first use, then cached): transformers 4.57.1."""
     from harness.backends.base import BackendOptions, forward
     from harness.backends.hf_remote import HfRemoteBackend
-    from harness.compare import nmse
+    from harness.checks.compare import nmse
     from references.model import BailingHybridReference
     from tests.hf_remote_checkpoint import write_remote_checkpoint
 

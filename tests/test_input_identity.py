@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from harness.cli import main
-from harness.errors import InputError
+from harness.cli.main import main
+from harness.core.errors import InputError
 from harness.llamacpp.identity import fingerprint
 from references.checkpoint_io import ALLOW_EXTRA_ENV, weight_files
 from references.model import BailingHybridReference
@@ -121,7 +121,7 @@ def test_a_tensor_in_two_files_is_refused_for_ling3_too(tmp_path) -> None:
 
     from harness.backends.base import BackendOptions
     from harness.backends.torch_backend import TorchBackend
-    from harness.cases import load_case, materialize
+    from harness.checks.cases import load_case, materialize
 
     pytest.importorskip("transformers.models.bailing_hybrid")
     ckpt = tmp_path / "ling3"

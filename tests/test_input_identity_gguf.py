@@ -22,8 +22,8 @@ from harness.backends.llamacpp_backend import (
     parse_options,
     prepare_gguf,
 )
-from harness.cases import load_case, materialize
-from harness.errors import InputError
+from harness.checks.cases import load_case, materialize
+from harness.core.errors import InputError
 from harness.llamacpp import convert as cv
 from harness.llamacpp.identity import FINGERPRINT_KEY
 from harness.llamacpp.inventory import inventory, render, rewrite_gguf

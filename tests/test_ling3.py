@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from harness.backends.base import forward, stepwise
-from harness.cases import load_case, materialize
-from harness.errors import InputError
-from harness.families import family_of
-from harness.runner import Runner
-from harness.targets import Target
+from harness.backends.families import family_of
+from harness.backends.targets import Target
+from harness.checks.cases import load_case, materialize
+from harness.checks.runner import Runner
+from harness.core.errors import InputError
 from references.ling3.config import Ling3Config, config_from_dict, load_config
 from references.ling3.normalize import (
     CONFIG_RULES,
@@ -277,7 +277,7 @@ def test_candidates_agree_with_transformers_float64_per_layer(
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("mlx", marks=needs_mlx)])
 def test_stepwise_decode_equals_a_full_forward(runner: Runner, case, ckpt: Path, backend: str):
-    from harness.capture_points import all_points
+    from harness.core.capture_points import all_points
 
     dtype = "float64" if backend == "torch" else "float32"
     model = runner.model(Target.parse(f"{backend}-{dtype}"), ckpt)  # loaded once per module

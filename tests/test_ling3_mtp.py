@@ -17,11 +17,10 @@ import pytest
 import torch
 
 from harness.backends.base import BackendOptions
-from harness.cases import CASES_DIR, load_case, materialize
-from harness.compare import compare_captures, first_divergence, nmse
-from harness.errors import InputError
-from harness.llamacpp.testing import require_llamacpp
-from harness.mtp import (
+from harness.backends.targets import Target
+from harness.checks.cases import CASES_DIR, load_case, materialize
+from harness.checks.compare import compare_captures, first_divergence, nmse
+from harness.checks.mtp import (
     MtpPrompt,
     MtpRunner,
     OracleDrafts,
@@ -30,7 +29,8 @@ from harness.mtp import (
     replay_drafts,
     speculative_greedy,
 )
-from harness.targets import Target
+from harness.core.errors import InputError
+from harness.llamacpp.testing import require_llamacpp
 from references.checkpoint_io import read_tensors, weight_files
 from references.ling3.config import load_config
 from references.ling3.mtp import (
@@ -258,7 +258,7 @@ def test_mtp_cli_on_a_ling3_checkpoint_passes_llamacpp_and_fails_a_wrong_head(ag
     upstream llama.cpp passes (exit 0); a candidate whose head uses the trunk's norm fails
     (exit 1) with a finding."""
     require_llamacpp()
-    from harness.cli import main
+    from harness.cli.main import main
 
     ckpt = tmp_path / "ling3"
     shutil.copytree(agree[1], ckpt)

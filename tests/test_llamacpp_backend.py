@@ -28,15 +28,15 @@ from harness.backends.llamacpp_backend import (
     model_findings,
     parse_options,
 )
-from harness.capture_points import all_points
-from harness.cases import load_case, materialize
-from harness.errors import InputError, PortFailure
-from harness.greedy import GREEDY_STEPS, greedy_compare
+from harness.backends.targets import BACKENDS, Target, parse_targets
+from harness.checks.cases import load_case, materialize
+from harness.checks.greedy import GREEDY_STEPS, greedy_compare
+from harness.checks.runner import Runner
+from harness.core.capture_points import all_points
+from harness.core.errors import InputError, PortFailure
 from harness.llamacpp import abi
 from harness.llamacpp.inventory import rewrite_gguf
 from harness.llamacpp.testing import require_llamacpp
-from harness.runner import Runner
-from harness.targets import BACKENDS, Target, parse_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 NMSE_MAX = 1e-8
@@ -44,7 +44,7 @@ NMSE_MAX = 1e-8
 
 @pytest.fixture(scope="module")
 def case():
-    from harness.families import FAMILIES
+    from harness.backends.families import FAMILIES
 
     pytest.importorskip("transformers.models.bailing_hybrid")
     if "ling3" not in FAMILIES:

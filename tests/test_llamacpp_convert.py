@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from harness.errors import InputError, PortFailure
+from harness.core.errors import InputError, PortFailure
 from harness.llamacpp import convert as cv
 from harness.llamacpp.convert import (
     ArchitectureNotSupported,
@@ -86,8 +86,8 @@ def write_raw_ling3(out: Path, seed: int = 0, **overrides: Any) -> Path:
 
 def ling3_case_checkpoint(cache: Path) -> Path:
     """The ``ling3-mini`` case (normalised upstream layout) if the family is there, else None."""
-    from harness.cases import load_case, materialize
-    from harness.families import FAMILIES
+    from harness.backends.families import FAMILIES
+    from harness.checks.cases import load_case, materialize
 
     if "ling3" not in FAMILIES:
         pytest.skip("the ling3 family is not registered yet")

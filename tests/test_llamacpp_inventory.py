@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from harness.llamacpp.convert import convert
 from harness.llamacpp.inventory import (
     expected_from_metadata,

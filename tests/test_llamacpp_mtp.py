@@ -23,11 +23,10 @@ import numpy as np
 import pytest
 
 from harness.backends.base import BackendOptions
-from harness.cases import load_case, materialize
-from harness.compare import nmse
-from harness.errors import ArchitectureNotSupported, InputError, PortFailure
-from harness.llamacpp.testing import REQUIRE_ENV, require_llamacpp
-from harness.mtp import (
+from harness.backends.targets import Target
+from harness.checks.cases import load_case, materialize
+from harness.checks.compare import nmse
+from harness.checks.mtp import (
     MTP_BACKENDS,
     MtpPrompt,
     MtpRunner,
@@ -36,7 +35,8 @@ from harness.mtp import (
     replay_drafts,
     speculative_greedy,
 )
-from harness.targets import Target
+from harness.core.errors import ArchitectureNotSupported, InputError, PortFailure
+from harness.llamacpp.testing import REQUIRE_ENV, require_llamacpp
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 16  # as the pytest plugin's mtp mode

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.capture_points import all_points, parse
+from harness.core.capture_points import all_points, parse
 from harness.llamacpp.names import PORTS, port_for_arch, to_canonical, wanted_names
 from harness.llamacpp.testing import require_llamacpp
 

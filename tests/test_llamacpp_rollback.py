@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from harness.backends.base import BackendOptions
-from harness.cases import CASES_DIR, load_case, materialize
-from harness.errors import InputError
+from harness.backends.targets import Target
+from harness.checks.cases import CASES_DIR, load_case, materialize
+from harness.checks.mtp import load_mtp_model, plain_greedy, speculative_greedy
+from harness.core.errors import InputError
 from harness.llamacpp.testing import require_llamacpp
-from harness.mtp import load_mtp_model, plain_greedy, speculative_greedy
-from harness.targets import Target
 
 STEPS = 24
 CASES = ("mtp-agree", "ling3-mtp-agree")  # our port (GLA), upstream bailingmoe3 (KDA)

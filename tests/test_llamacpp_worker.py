@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.errors import InputError, PortFailure
+from harness.core.errors import InputError, PortFailure
 from harness.llamacpp.client import ContextParams, WorkerClient, squeeze_to
 from harness.llamacpp.testing import (
     TinyBailingMoe3,

@@ -12,8 +12,8 @@ import pytest
 
 from harness.backends.base import BackendOptions, forward, stepwise
 from harness.backends.mlx_backend import MlxBackend
-from harness.capture_points import all_points
-from harness.errors import InputError, PortFailure
+from harness.core.capture_points import all_points
+from harness.core.errors import InputError, PortFailure
 
 pytestmark = pytest.mark.skipif(
     not MlxBackend().availability().ok, reason=MlxBackend().availability().reason
@@ -29,7 +29,7 @@ def nmse(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from harness.cases import load_case, materialize
+    from harness.checks.cases import load_case, materialize
 
     case = load_case(ROOT / "cases" / "flash-mini.toml")
     return materialize(case, tmp_path_factory.mktemp("cache"))

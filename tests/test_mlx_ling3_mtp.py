@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from harness.backends.mlx_backend import MlxBackend
-from harness.cases import CASES_DIR, load_case, materialize
-from harness.errors import InputError
-from harness.mtp import MtpPrompt, MtpRunner, load_mtp_model
-from harness.targets import Target
+from harness.backends.targets import Target
+from harness.checks.cases import CASES_DIR, load_case, materialize
+from harness.checks.mtp import MtpPrompt, MtpRunner, load_mtp_model
+from harness.core.errors import InputError
 
 pytest.importorskip("transformers.models.bailing_hybrid")  # the Ling 3.0 reference trunk
 pytestmark = pytest.mark.skipif(

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from harness.backends.mlx_backend import MlxBackend
-from harness.cases import CASES_DIR, load_case, materialize
-from harness.compare import nmse
-from harness.errors import InputError
-from harness.mtp import (
+from harness.backends.targets import Target
+from harness.checks.cases import CASES_DIR, load_case, materialize
+from harness.checks.compare import nmse
+from harness.checks.mtp import (
     MTP_COLUMNS,
     DraftStep,
     MtpPrompt,
@@ -30,7 +30,7 @@ from harness.mtp import (
     save_mtp,
     speculative_greedy,
 )
-from harness.targets import Target
+from harness.core.errors import InputError
 from references.model import BailingHybridReference
 from references.mtp_session import ReferenceMtpModel
 from tests.tiny_checkpoint import write_tiny_checkpoint
@@ -192,7 +192,7 @@ def test_the_table_has_the_gate_columns_and_the_section_says_what_it_shows(flash
 
 
 def test_mtp_cli_writes_the_gate_table_for_a_checkpoint_no_case_made(tmp_path):
-    from harness.cli import main
+    from harness.cli.main import main
     from tests.upstream_writer import write_upstream_checkpoint
 
     ckpt = write_upstream_checkpoint(tmp_path / "ling26")

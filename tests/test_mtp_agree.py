@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from harness.backends.mlx_backend import MlxBackend
-from harness.cases import CASES_DIR, load_case, materialize, write_checkpoint
-from harness.errors import InputError
-from harness.mtp import (
+from harness.backends.targets import Target
+from harness.checks.cases import CASES_DIR, load_case, materialize, write_checkpoint
+from harness.checks.mtp import (
     MtpModel,
     MtpPrompt,
     MtpRunner,
@@ -24,7 +24,7 @@ from harness.mtp import (
     replay_drafts,
     speculative_greedy,
 )
-from harness.targets import Target
+from harness.core.errors import InputError
 from references.synthetic import SHAPING_KEY, write_synthetic_checkpoint
 from references.variant import mutations
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cases import CASES_DIR, load_case, materialize
+from harness.backends.targets import Target
+from harness.checks.cases import CASES_DIR, load_case, materialize
+from harness.checks.mtp import first_mtp_divergence, load_mtp_model
 from harness.llamacpp.testing import require_llamacpp
-from harness.mtp import first_mtp_divergence, load_mtp_model
-from harness.targets import Target
 from references.variant import mutations
 
 TOL = 1e-8
@@ -77,7 +77,7 @@ def test_a_wrong_head_is_named_at_the_first_point_the_backend_exposes(case, targ
 
 
 def test_a_crashing_capture_is_a_finding_for_that_backend_not_a_harness_crash():
-    from harness.mtp import MtpPrompt, MtpRunner
+    from harness.checks.mtp import MtpPrompt, MtpRunner
 
     case = load_case(CASES_DIR / "mtp-agree.toml")
     ckpt = materialize(case)

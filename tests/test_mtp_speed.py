@@ -1,4 +1,4 @@
-"""Speculative decoding's speed, broken down (harness/mtp_speed.py): a port made slower on
+"""Speculative decoding's speed, broken down (harness/perf/mtp_speed.py): a port made slower on
 purpose in one term is named as the culprit, the prediction from the measured terms meets the
 measured speed-up, and the break-even acceptance follows from the costs.
 
@@ -18,10 +18,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from harness.cases import CASES_DIR, load_case, materialize
-from harness.cli import main
-from harness.mtp import MtpModel, MtpSession, load_mtp_model, speculative_greedy
-from harness.mtp_speed import (
+from harness.backends.targets import Target
+from harness.checks.cases import CASES_DIR, load_case, materialize
+from harness.checks.mtp import MtpModel, MtpSession, load_mtp_model, speculative_greedy
+from harness.cli.main import main
+from harness.perf.mtp_speed import (
     COLUMNS,
     MtpSpeed,
     TimedModel,
@@ -29,7 +30,6 @@ from harness.mtp_speed import (
     measure_mtp_speed,
     speedup_at,
 )
-from harness.targets import Target
 
 N_NEW = 32
 

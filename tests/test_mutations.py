@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.cases import load_case, materialize
-from harness.runner import Runner
-from harness.targets import Target
+from harness.backends.targets import Target
+from harness.checks.cases import load_case, materialize
+from harness.checks.runner import Runner
 
 CASES = Path(__file__).resolve().parent.parent / "cases"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import capture_points
+from harness.core import capture_points
 from harness.llamacpp import build
 from ports.llamacpp import port
 
@@ -140,7 +140,7 @@ def test_tiny_tokenizer_round_trips(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_converter_writes_the_compatible_layout(vendored: Path) -> None:
     gguf = pytest.importorskip("gguf")
-    from harness.cases import CASES_DIR, load_case, materialize
+    from harness.checks.cases import CASES_DIR, load_case, materialize
 
     path = port.converted(materialize(load_case(CASES_DIR / "tail-clause.toml")))
     reader = gguf.GGUFReader(str(path))
@@ -230,7 +230,7 @@ def test_upstream_architecture_still_runs_on_the_patched_build(
 def test_loader_accepts_the_known_fork_mtp_head_count(site: Path, tmp_path: Path) -> None:
     """The known fork writes head_count_kv = n_head for the MTP entry (ours: 1); same numbers."""
     gguf = pytest.importorskip("gguf")
-    from harness.cases import CASES_DIR, load_case, materialize
+    from harness.checks.cases import CASES_DIR, load_case, materialize
     from harness.llamacpp.client import WorkerClient
 
     case = load_case(CASES_DIR / "flash-mini.toml")
@@ -256,7 +256,7 @@ def test_a_flash_shaped_gguf_passes_the_inventory_against_the_known_forks_map(
     vendored: Path,
 ) -> None:
     """Our converter's layout is the fork's: every tensor and key accounted for by its map."""
-    from harness.cases import load_case, materialize
+    from harness.checks.cases import load_case, materialize
     from harness.llamacpp.convert import convert
     from harness.llamacpp.inventory import inventory, render
 
@@ -272,8 +272,8 @@ def test_the_port_refuses_a_gguf_whose_config_it_cannot_represent(vendored: Path
     must refuse the file with a message naming the tensor, not compute something else."""
     from harness.backends.base import BackendOptions
     from harness.backends.llamacpp_backend import LlamaCppBackend
-    from harness.cases import load_case, materialize
-    from harness.errors import InputError, PortFailure
+    from harness.checks.cases import load_case, materialize
+    from harness.core.errors import InputError, PortFailure
     from harness.llamacpp.convert import convert
     from harness.llamacpp.inventory import rewrite_gguf
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.progress import (
+from harness.core.progress import (
     MODE_ENV,
     Event,
     Progress,
@@ -104,7 +104,7 @@ def test_a_build_command_shows_progress_while_it_runs(tmp_path, capfd):
 
 
 def test_a_forward_shows_layer_progress_only_once_it_runs_long():
-    from harness.progress import LayerProgress
+    from harness.core.progress import LayerProgress
 
     quick, slow = io.StringIO(), io.StringIO()
     fast = LayerProgress("forward", after_s=3600, stream=quick)
@@ -119,7 +119,7 @@ def test_a_forward_shows_layer_progress_only_once_it_runs_long():
 
 
 def test_the_streamed_reference_reports_its_layers(tmp_path):
-    from harness.cases import CASES_DIR, load_case, materialize
+    from harness.checks.cases import CASES_DIR, load_case, materialize
     from references.model import BailingHybridReference, ReferenceOptions
 
     model = BailingHybridReference.from_checkpoint(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.compare import nmse
+from harness.checks.compare import nmse
 from references.gla import gla_chunked, gla_recurrent
 from references.ops import log_decay
 

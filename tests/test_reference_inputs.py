@@ -9,7 +9,7 @@ import torch
 
 from harness.backends.base import BackendOptions, LoadedModel
 from harness.backends.torch_backend import TorchBackend, reference_options
-from harness.errors import InputError
+from harness.core.errors import InputError
 from references.model import BailingHybridReference, ReferenceOptions
 from references.variant import Variant, mutations
 from tests.tiny_checkpoint import write_tiny_checkpoint

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.compare import nmse
+from harness.checks.compare import nmse
 from references.mla import LORA_NORM_EPS, MLACache, MLADims, MLAWeights, mla_forward
 from references.ops import rms_norm, rope
 

@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 from markupsafe import escape
 
-from harness import report, report_heatmap
-from harness.compare import PairResult, Tolerance, compare_pair, explain_divergence
-from harness.mtp import DraftStep, MtpRun, SpecResult, mtp_section
-from harness.report import GateSummary, free_run_dir, render_report, write_report
-from harness.verdict import CheckVerdict, RunVerdict, Status
+from harness.checks.compare import PairResult, Tolerance, compare_pair, explain_divergence
+from harness.checks.mtp import DraftStep, MtpRun, SpecResult, mtp_section
+from harness.core.verdict import CheckVerdict, RunVerdict, Status
+from harness.report.page import GateSummary, free_run_dir, render_report, write_report
+from harness.report import heatmap as report_heatmap
+from harness.report import page as report
 
 TOL = Tolerance(nmse=1e-8)
 ENV = {"python": "3.11", "torch": "2.x"}

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.browser_check import CHROMIUM_ARGS, VIEWPORT, check_report, chromium_path
-from harness.cases import load_case, materialize
-from harness.errors import InputError
-from harness.report import write_report
-from harness.runner import Runner
-from harness.targets import Target
-from harness.verdict import CheckVerdict, RunVerdict, Status
+from harness.backends.targets import Target
+from harness.checks.cases import load_case, materialize
+from harness.checks.runner import Runner
+from harness.core.errors import InputError
+from harness.core.verdict import CheckVerdict, RunVerdict, Status
+from harness.report.browser_check import CHROMIUM_ARGS, VIEWPORT, check_report, chromium_path
+from harness.report.page import write_report
 
 CASES = Path(__file__).resolve().parent.parent / "cases"
 REFERENCE = Target.parse("torch-float64")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.report_findings import FindingKind, classify_finding, group_findings
+from harness.report.findings import FindingKind, classify_finding, group_findings
 
 CRASH = (
     "flash-mini/short prefill: llamacpp worker died (exit -6) while prefill\n"

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from harness.cases import load_cases
-from harness.roofline import (
+from harness.checks.cases import load_cases
+from harness.perf.roofline import (
     dtype_bytes,
     measure_bandwidth_gbs,
     roofline_tgs,

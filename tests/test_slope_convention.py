@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.cases import CASES_DIR, load_case
-from harness.cli import main
-from harness.errors import InputError
-from harness.slope_convention import DEFAULT_NOTE, case_convention, chosen, resolve
-from harness.slope_diagnostics import diagnose, reference_pair
-from harness.targets import Target, get_backend
+from harness.backends.targets import Target, get_backend
+from harness.checks.cases import CASES_DIR, load_case
+from harness.checks.slope_convention import DEFAULT_NOTE, case_convention, chosen, resolve
+from harness.checks.slope_diagnostics import diagnose, reference_pair
+from harness.cli.main import main
+from harness.core.errors import InputError
 from tests.tiny_checkpoint import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,14 +11,14 @@ import pytest
 
 from harness.backends.base import BackendOptions
 from harness.backends.mlx_backend import MlxBackend
-from harness.cli import main
-from harness.slope_diagnostics import (
+from harness.checks.slope_diagnostics import (
     NEITHER,
     diagnose,
     formula_growth,
     reference_pair,
     slope_section,
 )
+from harness.cli.main import main
 from references.model import BailingHybridReference, ReferenceOptions
 from references.ops import layer_factor
 from references.variant import Variant

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness import capture_points
-from harness.cases import load_cases, materialize
-from harness.compare import nmse
+from harness.checks.cases import load_cases, materialize
+from harness.checks.compare import nmse
+from harness.core import capture_points
 from references.model import BailingHybridReference, ReferenceOptions
 from references.weights import choose_load, in_memory_bytes
 
@@ -195,7 +195,7 @@ def test_blocked_lm_head_and_dense_layer_match_the_whole_matrices(monkeypatch):
 
 
 def test_a_streamed_gla_layer_is_still_a_gla_layer_to_its_users():
-    """harness.slope_diagnostics reads blocks[l].attention as GLAWeights (q/k norms, qkv)."""
+    """harness.checks.slope_diagnostics reads blocks[l].attention as GLAWeights (q/k norms, qkv)."""
     from references.model import GLAWeights
 
     memory, streamed = _models(_flash_mini())
@@ -267,7 +267,7 @@ def test_auto_picks_memory_for_every_parity_case():
 def test_the_torch_backend_takes_a_load_option():
     from harness.backends.base import BackendOptions
     from harness.backends.torch_backend import reference_options
-    from harness.errors import InputError
+    from harness.core.errors import InputError
 
     opts = reference_options(BackendOptions(dtype="float64", extra={"load": "streamed"}))
     assert opts.load == "streamed"
@@ -276,7 +276,7 @@ def test_the_torch_backend_takes_a_load_option():
 
 
 def test_a_wrong_shape_is_refused_by_the_streamed_load_before_any_read(tmp_path):
-    from harness.errors import InputError
+    from harness.core.errors import InputError
     from tests.tiny_checkpoint import write_tiny_checkpoint
 
     name = "model.layers.3.mlp.experts.5.up_proj.weight"
@@ -286,7 +286,7 @@ def test_a_wrong_shape_is_refused_by_the_streamed_load_before_any_read(tmp_path)
 
 
 def test_a_non_finite_weight_is_named_when_the_streamed_forward_reads_it(tmp_path):
-    from harness.errors import InputError
+    from harness.core.errors import InputError
     from tests.tiny_checkpoint import write_tiny_checkpoint
 
     bad = np.ones((32,), np.float32)
@@ -299,7 +299,7 @@ def test_a_non_finite_weight_is_named_when_the_streamed_forward_reads_it(tmp_pat
 
 
 def test_speculative_mtp_decoding_runs_streamed_and_drafts_what_memory_drafts():
-    from harness.mtp import speculative_greedy
+    from harness.checks.mtp import speculative_greedy
     from references.mtp_session import ReferenceMtpModel
 
     memory, streamed = _models(_flash_mini())

@@ -1,11 +1,11 @@
-"""The memory benchmark (harness.memory_bench) measures each run in its own process."""
+"""The memory benchmark (harness.perf.memory_bench) measures each run in its own process."""
 
 from __future__ import annotations
 
 import json
 
-from harness.cases import load_case, materialize
-from harness.memory_bench import doubled, main, prompt_tokens
+from harness.checks.cases import load_case, materialize
+from harness.perf.memory_bench import doubled, main, prompt_tokens
 from tests.test_mutations import CASES
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.cases import load_case, materialize
-from harness.runner import Runner
-from harness.targets import Target
+from harness.backends.targets import Target
+from harness.checks.cases import load_case, materialize
+from harness.checks.runner import Runner
 from tests.test_mutations import CASES, EXPECTED
 
 STREAMED = {"load": "streamed"}

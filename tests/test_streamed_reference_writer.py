@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from harness.cases import load_case, load_cases
-from harness.errors import InputError
+from harness.checks.cases import load_case, load_cases
+from harness.core.errors import InputError
 from references.checkpoint_spec import expected_tensors
 from references.config import config_from_dict
 from references.model import BailingHybridReference, ReferenceOptions

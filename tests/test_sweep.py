@@ -13,13 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import sweep, targets
+from harness.backends import targets
 from harness.backends.base import Availability, BackendOptions
-from harness.bench_import import import_text
-from harness.cases import load_cases
-from harness.errors import PortFailure
-from harness.sweep import COLUMNS, estimate_point_s, run_sweep, save_sweep, throughput_frame
-from harness.sweep_cli import add_parser, run, throughput_section
+from harness.checks.cases import load_cases
+from harness.cli.sweep import add_parser, run, throughput_section
+from harness.core.errors import PortFailure
+from harness.perf import sweep
+from harness.perf.bench_import import import_text
+from harness.perf.sweep import COLUMNS, estimate_point_s, run_sweep, save_sweep, throughput_frame
 from tests.test_bench_import import BATCHED_BENCH
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.verdict import CheckVerdict, RunVerdict, Status
+from harness.core.verdict import CheckVerdict, RunVerdict, Status
 
 
 def check(status: Status, candidate: str = "mlx-float32") -> CheckVerdict:

@@ -6,7 +6,7 @@ A backend turns a checkpoint directory into a :class:`LoadedModel`; a loaded mod
 step-wise decode is one ``feed`` of the prompt followed by one ``feed`` per token.  Every ``feed``
 returns the requested capture points for the tokens it consumed, as float64 (INDEX points as int64)
 numpy arrays with the token axis first and no batch axis, keyed by canonical names from
-:mod:`harness.capture_points`.  A backend that cannot produce a point simply leaves it out.
+:mod:`harness.core.capture_points`.  A backend that cannot produce a point simply leaves it out.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ class Recorder:
 def wanted_points(capture: Collection[str]) -> frozenset[str]:
     """The canonical points a session records: ``result_output`` always, plus ``capture`` after
     checking every name against the vocabulary (an unknown name is an InputError)."""
-    from harness.capture_points import UnknownCapturePoint, parse
-    from harness.errors import InputError
+    from harness.core.capture_points import UnknownCapturePoint, parse
+    from harness.core.errors import InputError
 
     wanted = {"result_output"}
     for name in capture:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from harness.backends.base import Availability, BackendOptions, Captures, wanted_points
-from harness.errors import ArchitectureNotSupported, InputError
+from harness.core.errors import ArchitectureNotSupported, InputError
 
 LABEL = "hf_remote"
 DTYPES = ("float64", "float32", "bfloat16")

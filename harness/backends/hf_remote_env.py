@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from harness import lifecycle
-from harness.atomic import staged_dir, write_text
-from harness.errors import InputError, PortFailure
+from harness.core import lifecycle
+from harness.core.atomic import staged_dir, write_text
+from harness.core.errors import InputError, PortFailure
 
 MAIN_ENV_ENV = "BAILING_PARITY_HF_REMOTE_MAIN_ENV"
 RECORD = "overlay.json"
@@ -82,7 +82,7 @@ def remote_env(checkpoint: Path, root: Path | None = None,
 
 
 def overlay_dir(version: str, root: Path | None = None) -> Path:
-    from harness.cases import cache_root
+    from harness.checks.cases import cache_root
 
     return (root or cache_root()) / "hf-remote" / f"transformers-{version}"
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from harness.backends.base import Availability, BackendOptions, Captures
-from harness.errors import ArchitectureNotSupported, InputError, PortFailure
+from harness.core.errors import ArchitectureNotSupported, InputError, PortFailure
 from harness.llamacpp.convert import OUTTYPES
 
 DTYPE_OUTTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
@@ -146,7 +146,7 @@ class PreparedGguf:
 
     gguf: Path
     env: dict[str, str] | None  # the worker's environment (LLAMA_CPP_LIB_PATH for a foreign lib)
-    family: Any  # harness.families.Family
+    family: Any  # harness.backends.families.Family
     findings: list[str]  # converter frictions, a user-given GGUF, the inventory's findings
     inventory: Any  # harness.llamacpp.inventory.Inventory
     inventory_findings: list[str]
@@ -156,7 +156,7 @@ class PreparedGguf:
 def prepare_gguf(checkpoint_dir: Path, settings: Settings) -> PreparedGguf:
     """ABI-check a foreign library first (before any work), read config.json, convert (cached)
     unless the user gave a GGUF, and inventory the GGUF against the checkpoint."""
-    from harness.families import family_of
+    from harness.backends.families import family_of
     from harness.llamacpp import abi, identity
     from harness.llamacpp.convert import convert
     from harness.llamacpp.inventory import inventory, read_gguf, render

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from harness.backends.base import Availability, BackendOptions, Captures, Recorder, wanted_points
-from harness.capture_points import layer_point
-from harness.errors import InputError, PortFailure
-from harness.families import family_of
+from harness.backends.families import family_of
+from harness.core.capture_points import layer_point
+from harness.core.errors import InputError, PortFailure
 
 STOCK_MODULE = "mlx_lm.models.bailing_hybrid"
 EXTRA_KEYS = ("model_module",)
@@ -202,7 +202,8 @@ def _stream(device: str) -> Any:
 
 
 def _check_config(checkpoint_dir: Path) -> str:
-    """The checkpoint's family (``harness.families``), decided before mlx-lm guesses a module."""
+    """The checkpoint's family (``harness.backends.families``), decided before mlx-lm guesses a
+    module."""
     path = checkpoint_dir / "config.json"
     try:
         raw = json.loads(path.read_text())

@@ -27,7 +27,7 @@ from harness.backends.mlx_backend import (
     _tap,
     load_port_model,
 )
-from harness.capture_points import layer_point
+from harness.core.capture_points import layer_point
 
 STOCK_MODULE = "mlx_lm.models.bailing_moe_v3"
 

@@ -36,7 +36,7 @@ import numpy as np
 from harness.backends.base import BackendOptions
 from harness.backends.mlx_backend import MlxBackend, MlxLoadedModel
 from harness.backends.mlx_ling3 import MlxLing3LoadedModel
-from harness.errors import InputError, PortFailure
+from harness.core.errors import InputError, PortFailure
 
 _HEAD_OWN = ("enorm.", "hnorm.", "eh_proj.", "final_layernorm.")
 
@@ -176,7 +176,7 @@ def _mtp_tensors(checkpoint_dir: Path, layer: int) -> dict[str, Any]:
 
 
 class MlxMtpModel:
-    """An :class:`harness.mtp.MtpModel` over mlx-lm's trunk and the head above."""
+    """An :class:`harness.checks.mtp.MtpModel` over mlx-lm's trunk and the head above."""
 
     def __init__(self, loaded: MlxLoadedModel, checkpoint_dir: Path, label: str = "mlx") -> None:
         import mlx.core as mx

@@ -15,8 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from harness.backends.base import DTYPES, Availability, BackendOptions, LoadedModel
-from harness.errors import InputError
-from harness.progress import LayerProgress
+from harness.core.errors import InputError
+from harness.core.progress import LayerProgress
 
 EXTRA_KEYS = ("gla_impl", "chunk_size", "mla_impl", "slope_formula", "variant", "load")
 

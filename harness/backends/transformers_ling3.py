@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from harness.backends.base import DTYPES, BackendOptions, Captures, Recorder, wanted_points
-from harness.capture_points import layer_point
-from harness.errors import InputError
-from harness.families import family_of
+from harness.backends.families import family_of
+from harness.core.capture_points import layer_point
+from harness.core.errors import InputError
 
 EXTRA_KEYS = ("attn_implementation", "experts_implementation")
 

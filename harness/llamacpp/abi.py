@@ -15,7 +15,7 @@ the wrong place: silent garbage or a crash far from the cause.  So before loadin
   the library actually writes are measured and compared with ``ctypes.sizeof``.
 
 A crash during the probe (a truly foreign library) kills only the child; every outcome other than
-"compatible" is an :class:`~harness.errors.InputError` saying why.  (The probe runs in its own
+"compatible" is an :class:`~harness.core.errors.InputError` saying why.  (The probe runs in its own
 child rather than as a worker op because it must happen before a worker trusts the library.)
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 STRUCTS = {

@@ -35,9 +35,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from harness import lifecycle
-from harness.atomic import locked
-from harness.progress import Event, Progress, follow_log, ninja_step
+from harness.core import lifecycle
+from harness.core.atomic import locked
+from harness.core.progress import Event, Progress, follow_log, ninja_step
 
 DEFAULT_VERSION = "0.3.36"
 # What the harness never needs: mtmd (multimodal), llama.cpp's tests/tools/examples/server.

@@ -2,7 +2,8 @@
 
 The worker (:mod:`harness.llamacpp.worker`) runs llama.cpp in a child process.  A reply that
 never comes (hang), a child that dies (SIGABRT from GGML_ASSERT, SIGSEGV) or a request the child
-reports as failed is turned into :class:`harness.errors.PortFailure` naming what was being done,
+reports as failed is turned into :class:`harness.core.errors.PortFailure` naming what was being
+done,
 the signal or exit code, and the last lines of llama.cpp's log; the child is always reaped.
 """
 
@@ -26,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from harness import lifecycle
-from harness.errors import InputError, PortFailure
+from harness.core import lifecycle
+from harness.core.errors import InputError, PortFailure
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKDIR_PREFIX = "bailing-llamacpp-"  # in the system temp dir

@@ -15,7 +15,7 @@ a checkpoint that does not need a fix gets none and no finding.
 Results are cached under ``<cache>/gguf/<key>/`` with key = hash(checkpoint files' bytes,
 converter sources, outtype, STAGING_VERSION); an architecture the tree cannot convert is cached
 as such too, so a suite asks once.  An entry appears complete or not at all
-(:func:`harness.atomic.staged_dir`), holds ``gguf.record.json`` (size + digest of the GGUF's
+(:func:`harness.core.atomic.staged_dir`), holds ``gguf.record.json`` (size + digest of the GGUF's
 header and sampled blocks), and is checked against it before use: a truncated or corrupted entry
 is removed and rebuilt, with a finding naming it.  The GGUF carries ``bailing_parity.fingerprint``
 (the checkpoint's sampled-weights hash) and, for our port, ``bailing_parity.port_map``, added by
@@ -40,9 +40,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from harness import lifecycle
-from harness.errors import ArchitectureNotSupported, InputError, PortFailure
-from harness.progress import Progress, converter_tensor, follow_log
+from harness.core import lifecycle
+from harness.core.errors import ArchitectureNotSupported, InputError, PortFailure
+from harness.core.progress import Progress, converter_tensor, follow_log
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 STAGING_VERSION = 2  # bump when the staging rules change: invalidates cached conversions
@@ -51,7 +51,8 @@ KV_FILE = ".bailing_parity_kv.json"  # in the staged dir: keys the shim adds to 
 SHIM_MARKER = "BAILING_PARITY_SHIM "
 LOG_TAIL_LINES = 30
 # Names a checkpoint may carry that mean an architecture under another name (transformers'
-# save_pretrained writes the class it instantiated); used when harness.families has no alias.
+# save_pretrained writes the class it instantiated); used when harness.backends.families has no
+# alias.
 ARCH_ALIASES = {"BailingHybridForCausalLM": "BailingMoeV3ForCausalLM"}
 LING3_ARCH = "BailingMoeV3ForCausalLM"
 
@@ -189,7 +190,7 @@ def _canonical_architecture(config: dict[str, Any], path: Path) -> str:
     archs = config.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else str(archs or "")
     try:
-        from harness.families import family_of
+        from harness.backends.families import family_of
 
         return family_of(config, path).architecture
     except InputError:
@@ -376,7 +377,7 @@ def _extra_tensors(checkpoint: Path, config: dict[str, Any]) -> list[str]:
 
     where = weight_files(checkpoint)
     try:
-        from harness.families import family_of
+        from harness.backends.families import family_of
         from references.checkpoint_spec import expected_tensors
 
         family = family_of(config, checkpoint / "config.json")
@@ -495,7 +496,7 @@ def stage(checkpoint: Path, into: Path, tree: Path) -> Staged:
 # bailing_parity.* keys staged in KV_FILE are added to every GGUF it writes (through gguf-py's
 # own GGUFWriter, before its header is written: no second pass over the tensor data).
 _SHIM = r"""
-from harness.lifecycle import die_with_parent
+from harness.core.lifecycle import die_with_parent
 die_with_parent()  # a SIGKILLed harness leaves no converter running
 import json, runpy, sys
 tree, bypass, marker = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -670,7 +671,7 @@ def convert(
             if (hit := _cached(result_path)) is not None:
                 return hit
 
-    from harness.atomic import locked
+    from harness.core.atomic import locked
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with locked(out_dir.parent / f".{key}.lock"):
@@ -693,7 +694,7 @@ def _convert_into(
 ) -> Conversion:
     """Run the converter in a temporary sibling of ``out_dir``, renamed to it once complete
     (removed on any exception, KeyboardInterrupt and termination included)."""
-    from harness.atomic import staged_dir
+    from harness.core.atomic import staged_dir
     from harness.llamacpp.identity import file_record
 
     with staged_dir(out_dir, replace=True) as work:

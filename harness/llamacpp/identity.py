@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from harness.llamacpp.tensor_maps import PORT_MAP_KEY
 
 FINGERPRINT_KEY = "bailing_parity.fingerprint"

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from harness.llamacpp.tensor_maps import (
     PORT_MAPS,
     VARIABLES,

@@ -1,4 +1,5 @@
-"""Speculative MTP decoding through llama.cpp: a :class:`harness.mtp.MtpModel` in a child process.
+"""Speculative MTP decoding through llama.cpp: a :class:`harness.checks.mtp.MtpModel` in a child
+process.
 
 ``load_llamacpp_mtp`` converts and inventories the checkpoint as the llama.cpp backend does
 (:mod:`harness.backends.llamacpp_backend`), then starts ``python -m harness.llamacpp.mtp`` with two
@@ -35,7 +36,7 @@ Undo, two ways (option ``mtp_rollback``):
 The MTP cache needs no copy either way: entries after the snapshot are trimmed at the next draft.
 
 Everything that talks to llama.cpp runs in the child; an abort, segfault or hang there is a
-:class:`harness.errors.PortFailure` (:class:`harness.llamacpp.client.WorkerClient`).
+:class:`harness.core.errors.PortFailure` (:class:`harness.llamacpp.client.WorkerClient`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.errors import InputError, PortFailure
+from harness.core.errors import InputError, PortFailure
 from harness.llamacpp.client import WorkerClient
 
 MTP_EXTRA_KEYS = ("mtp_chain", "mtp_rollback", "mtp_rs_seq")
@@ -135,7 +136,7 @@ def load_llamacpp_mtp(
     ``mtp_chain=nextn|l_out`` (the hidden chained drafts reuse; see the module doc).
     """
     from harness.backends.llamacpp_backend import parse_options, prepare_gguf
-    from harness.errors import ArchitectureNotSupported
+    from harness.core.errors import ArchitectureNotSupported
 
     options, chain, rs_seq = _split_options(options)
     settings = parse_options(options)

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from harness.backends.base import Captures
-from harness.capture_points import Kind, parse
+from harness.core.capture_points import Kind, parse
 
 
 @dataclass(frozen=True)

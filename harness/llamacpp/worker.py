@@ -370,7 +370,7 @@ def run_child(serve_fn: Callable[[Any, Any, Path], None]) -> int:
     The child never outlives the harness: it is killed when its parent dies (SIGKILL
     included), and it ends when its stdin closes; Ctrl-C is the parent's to handle.
     """
-    from harness import lifecycle
+    from harness.core import lifecycle
 
     lifecycle.die_with_parent()
     lifecycle.ignore_terminal_interrupts()

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import capture_points
-from harness.capture_points import Kind
-from harness.cases import CASES_DIR, load_case, materialize
+from harness.checks.cases import CASES_DIR, load_case, materialize
+from harness.core import capture_points
+from harness.core.capture_points import Kind
 from harness.llamacpp import build
 from harness.llamacpp.client import ContextParams, WorkerClient
 from harness.llamacpp.names import to_canonical, wanted_names

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness.atomic import locked
+from harness.core.atomic import locked
 from harness.llamacpp import build
 from harness.llamacpp.names import PortNames
 

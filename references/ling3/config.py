@@ -3,7 +3,8 @@
 Keys are named as in Ant's published ``config.json`` (the names mlx-lm and llama.cpp's converter
 read: ``n_group``, ``num_experts_per_tok``, ``head_dim`` = the KDA head dim, ...), not as
 transformers renames them.  Every missing, ill-typed or unsupported key is an
-:class:`~harness.errors.InputError` naming the file and the key, before any weight is made or read.
+:class:`~harness.core.errors.InputError` naming the file and the key, before any weight is made or
+read.
 Constraints that only exist because one of the three implementations cannot express something say
 which one.
 """
@@ -15,7 +16,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from references.config import read_config_json
 
 ARCHITECTURE = "BailingMoeV3ForCausalLM"

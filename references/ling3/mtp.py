@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.errors import InputError
+from harness.core.errors import InputError
 from references.checkpoint_io import read_tensors, weight_files
 from references.ling3.config import Ling3Config, load_config
 from references.mla import MLACache, MLADims, MLAWeights, mla_forward
@@ -221,7 +221,7 @@ class Ling3MtpHead:
 
 
 class Ling3ReferenceMtpModel:
-    """transformers' Ling 3.0 trunk with our MTP head, as a :class:`harness.mtp.MtpModel`."""
+    """transformers' Ling 3.0 trunk with our MTP head, as a :class:`harness.checks.mtp.MtpModel`."""
 
     def __init__(self, trunk: Any, head: Ling3MtpHead, label: str = "torch-float64") -> None:
         self.trunk = trunk  # harness.backends.transformers_ling3.TransformersLing3Model

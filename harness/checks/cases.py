@@ -1,0 +1,207 @@
+"""Parity cases as data: a TOML file per case (config, weight seed, prompts, tolerances).
+
+A case is materialised into an HF-layout checkpoint directory deterministically (per-tensor seeds
+derived from the case seed and the tensor name) and cached by a hash of its content, so every
+backend reads the same bytes and a rerun costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.backends.families import family_named
+from harness.checks.compare import Tolerance
+from harness.core.errors import InputError
+
+CASES_DIR = Path(__file__).resolve().parents[2] / "cases"
+GENERATOR_VERSION = 1  # bump when a synthetic writer changes: invalidates the cache
+
+# Defaults by the candidate's dtype; a case may tighten or loosen them.
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(nmse=1e-18, top1=1.0, index_agreement=1.0),
+    "float32": Tolerance(nmse=1e-8, top1=1.0, index_agreement=1.0),
+    "bfloat16": Tolerance(nmse=5e-2, top1=0.8, index_agreement=0.0),
+}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parity case: a model config, a weight seed and the prompts to run through it."""
+
+    name: str
+    description: str
+    seed: int
+    config: dict[str, Any]
+    prompts: tuple[Prompt, ...]
+    tolerances: dict[str, Tolerance] = field(default_factory=dict)
+    decode_steps: int = 8
+    source: Path | None = None
+    family: str = "ling26"
+    # backend name (every check) or "backend:mode" (one check) -> why that port is known to
+    # fail this case (a finding kept visible as a strict xfail: the day the port is fixed, the
+    # item XPASSes and the entry must go)
+    known_failures: dict[str, str] = field(default_factory=dict)
+    # the GLA slope convention the checkpoint was published with (harness.checks.slope_convention);
+    # None: Ling-2.6-flash's default, ``corrected``, with a note in the run
+    slope: str | None = None
+
+    def known_failure(self, backend: str, mode: str) -> str | None:
+        """Why ``backend`` is known to fail this case's ``mode`` check, if it is."""
+        return self.known_failures.get(f"{backend}:{mode}") or self.known_failures.get(backend)
+
+    def tolerance(self, dtype: str) -> Tolerance:
+        """The tolerance for a candidate computing in ``dtype``."""
+        return self.tolerances.get(dtype, DEFAULT_TOLERANCES[dtype])
+
+    def config_json(self) -> dict[str, Any]:
+        """The ``config.json`` this case writes (architecture keys filled in by the family)."""
+        fam = family_named(self.family)
+        return {"architectures": [fam.architecture], "model_type": fam.model_type, **self.config}
+
+    def content_hash(self) -> str:
+        blob = json.dumps(
+            {"config": self.config_json(), "seed": self.seed, "generator": GENERATOR_VERSION,
+             "writer": family_named(self.family).writer_fingerprint()},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_CASE_KEYS = {"description", "family", "seed", "config", "prompts", "tolerances", "decode_steps",
+              "known_failures", "slope"}
+SLOPES = ("corrected", "hf_off_by_one")
+
+
+def load_case(path: Path) -> Case:
+    """Parse and validate one case file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot be read ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: not valid TOML ({e})") from None
+    unknown = set(raw) - _CASE_KEYS
+    if unknown:
+        raise InputError(f"{path}: unknown key(s) {sorted(unknown)}; expected {sorted(_CASE_KEYS)}")
+    for key in ("seed", "config", "prompts"):
+        if key not in raw:
+            raise InputError(f"{path}: missing key {key!r}")
+    family = family_named(str(raw.get("family", "ling26")))
+    cfg = family.validate_config({"architectures": [family.architecture], **raw["config"]}, path)
+    prompts = tuple(_prompt(path, i, p, cfg.vocab_size) for i, p in enumerate(raw["prompts"]))
+    tolerances = {}
+    for dtype, t in raw.get("tolerances", {}).items():
+        if dtype not in DEFAULT_TOLERANCES:
+            raise InputError(f"{path}: tolerances.{dtype}: unknown dtype")
+        base = DEFAULT_TOLERANCES[dtype].__dict__ | dict(t)
+        try:
+            tolerances[dtype] = Tolerance.from_mapping(base)
+        except ValueError as e:
+            raise InputError(f"{path}: tolerances.{dtype}: {e}") from None
+    return Case(
+        name=path.stem,
+        description=str(raw.get("description", "")),
+        seed=int(raw["seed"]),
+        config=dict(raw["config"]),
+        prompts=prompts,
+        tolerances=tolerances,
+        decode_steps=int(raw.get("decode_steps", 8)),
+        source=path,
+        family=family.name,
+        known_failures={str(k): str(v) for k, v in raw.get("known_failures", {}).items()},
+        slope=_slope(path, raw.get("slope"), family.name),
+    )
+
+
+def _slope(path: Path, value: Any, family: str) -> str | None:
+    """The case's ``slope`` field: a convention, on a family whose GLA has slopes."""
+    if value is None:
+        return None
+    if family != "ling26":
+        raise InputError(f"{path}: slope: only Ling-2.6 cases have a GLA slope convention")
+    if value not in SLOPES:
+        raise InputError(f"{path}: slope {value!r}; expected one of {', '.join(SLOPES)} (a case "
+                         "writes no modeling code to detect it from)")
+    return str(value)
+
+
+def _prompt(path: Path, i: int, raw: dict[str, Any], vocab: int) -> Prompt:
+    where = f"{path}: prompts[{i}]"
+    if "name" not in raw:
+        raise InputError(f"{where}: missing key 'name'")
+    if "tokens" in raw:
+        tokens = [int(t) for t in raw["tokens"]]
+    elif "random" in raw:
+        spec = raw["random"]
+        rng = np.random.default_rng(int(spec["seed"]))
+        tokens = rng.integers(0, vocab, size=int(spec["length"])).tolist()
+    else:
+        raise InputError(f"{where}: needs 'tokens = [...]' or 'random = {{length, seed}}'")
+    if not tokens:
+        raise InputError(f"{where}: empty prompt")
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise InputError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+    return Prompt(name=str(raw["name"]), tokens=tuple(tokens))
+
+
+def load_cases(names: list[str] | None = None, cases_dir: Path = CASES_DIR) -> list[Case]:
+    """All cases in ``cases_dir`` (sorted by name), or just the named ones."""
+    found = {p.stem: p for p in sorted(Path(cases_dir).glob("*.toml"))}
+    if names:
+        unknown = [n for n in names if n not in found]
+        if unknown:
+            raise InputError(f"unknown case(s) {unknown}; available: {sorted(found)}")
+        return [load_case(found[n]) for n in names]
+    return [load_case(p) for p in found.values()]
+
+
+def cache_root() -> Path:
+    """Where materialised checkpoints live (``BAILING_PARITY_CACHE`` overrides)."""
+    env = os.environ.get("BAILING_PARITY_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "bailing-parity"
+
+
+def materialize(case: Case, root: Path | None = None) -> Path:
+    """The case's checkpoint directory, written once (atomically), reused while its hash holds."""
+    root = root or cache_root()
+    target = root / "checkpoints" / f"{case.name}-{case.content_hash()}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{case.name}-", dir=target.parent))
+    try:
+        write_checkpoint(case, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def write_checkpoint(case: Case, out_dir: Path) -> None:
+    """Write the case's checkpoint into ``out_dir`` with its family's synthetic writer."""
+    family_named(case.family).write(case.config_json(), case.seed, out_dir)

@@ -1,0 +1,1 @@
+"""``python -m harness``: the command-line front end (one module per subcommand)."""

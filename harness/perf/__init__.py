@@ -1,0 +1,1 @@
+"""Speed and memory: tok/s sweeps, MTP speed, the decode roofline, imported bench output."""

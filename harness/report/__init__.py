@@ -1,0 +1,1 @@
+"""Rendering a run: the HTML page (one Jinja template), findings, heatmaps, summary.json."""
