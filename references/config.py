@@ -95,24 +95,44 @@ class BailingHybridConfig:
         return range(n, n + self.num_nextn_predict_layers)
 
 
-_REQUIRED = [f.name for f in fields(BailingHybridConfig) if f.default is MISSING]
-
-
-def _check_type(path: Path, key: str, value: Any, annotation: str) -> Any:
-    wants_int = annotation.startswith("int")
-    wants_float = annotation.startswith("float")
-    wants_bool = annotation.startswith("bool")
+def check_key_type(path: Path, key: str, value: Any, annotation: str) -> Any:
+    """One config.json value checked against its dataclass annotation (``int``, ``float``,
+    ``bool``, ``str``, ``list[str]``, ``dict``, each possibly ``| None``); ints widen to float.
+    Shared by every family's config so that each refuses a bad key with the same words."""
     if value is None and "None" in annotation:
         return None
-    if wants_bool and not isinstance(value, bool):
-        raise InputError(f"{path}: key {key!r} must be true or false, got {value!r}")
-    if wants_int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise InputError(f"{path}: key {key!r} must be an integer, got {value!r}")
-    if wants_float:
+    where = f"{path}: key {key!r}"
+    if annotation.startswith("bool"):
+        if not isinstance(value, bool):
+            raise InputError(f"{where} must be true or false, got {value!r}")
+    elif annotation.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where} must be an integer, got {value!r}")
+    elif annotation.startswith("float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{path}: key {key!r} must be a number, got {value!r}")
+            raise InputError(f"{where} must be a number, got {value!r}")
         value = float(value)
+    elif annotation.startswith("str"):
+        if not isinstance(value, str):
+            raise InputError(f"{where} must be a string, got {value!r}")
+    elif annotation.startswith("list"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InputError(f"{where} must be a list of strings, got {value!r}")
+        value = list(value)
+    elif annotation.startswith("dict") and not isinstance(value, dict):
+        raise InputError(f"{where} must be a table/object, got {value!r}")
     return value
+
+
+def typed_values(cls: type, raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The keys of ``raw`` that ``cls`` (a config dataclass) declares, each type-checked; a
+    missing required key is an InputError naming every one that is missing."""
+    declared = fields(cls)
+    missing = [f.name for f in declared if f.default is MISSING and f.name not in raw]
+    if missing:
+        raise InputError(f"{path}: missing required key(s) {', '.join(map(repr, missing))}")
+    return {f.name: check_key_type(path, f.name, raw[f.name], str(f.type))
+            for f in declared if f.name in raw}
 
 
 def config_from_dict(raw: dict[str, Any], path: Path) -> BailingHybridConfig:
@@ -126,14 +146,7 @@ def config_from_dict(raw: dict[str, Any], path: Path) -> BailingHybridConfig:
             f"(Ling-2.6). Ling 3.0 (BailingMoeV3ForCausalLM) shares model_type "
             f"{MODEL_TYPE!r} but is a different model."
         )
-    missing = [k for k in _REQUIRED if k not in raw]
-    if missing:
-        raise InputError(f"{path}: missing required key(s) {', '.join(map(repr, missing))}")
-    values: dict[str, Any] = {}
-    for f in fields(BailingHybridConfig):
-        if f.name in raw:
-            values[f.name] = _check_type(path, f.name, raw[f.name], str(f.type))
-    cfg = BailingHybridConfig(**values)
+    cfg = BailingHybridConfig(**typed_values(BailingHybridConfig, raw, path))
     _check_consistency(cfg, path)
     return cfg
 

@@ -16,12 +16,17 @@ safetensors when the forward reaches it and drops it after (:mod:`references.wei
 does not grow with layers or experts: a layer's attention, then its FFN (routed experts one at a
 time, only those some token was routed to), the embedding rows of the tokens fed, ``lm_head`` in
 vocabulary blocks.  ``auto`` (the default) picks by size (:func:`references.weights.choose_load`).
+
+Router-forced runs (judging a quantized port): ``start(forced_routing={layer: ids [T, k]})`` makes
+those MoE layers use the candidate's expert ids instead of their own top-k, so one flipped
+near-tie does not make every later point diverge; ``session.routing_margins`` says how far each
+forced choice was from a tie (:func:`references.moe.routing_margins`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,7 +42,14 @@ from references.config import BailingHybridConfig, load_config
 from references.disputed_keys import check_disputed
 from references.gla import gla_chunked, gla_recurrent
 from references.mla import MLACache, MLADims, MLAWeights, mla_forward
-from references.moe import MoEWeights, RouterConfig, SwiGLUWeights, moe_forward
+from references.moe import (
+    MoEWeights,
+    RouterConfig,
+    Routing,
+    SwiGLUWeights,
+    check_forced_ids,
+    moe_forward,
+)
 from references.ops import accumulation_dtype, group_rms_norm, log_decay, rms_norm, rope, swiglu
 from references.variant import CORRECT, Variant
 from references.weights import (
@@ -404,9 +416,44 @@ class BailingHybridReference:
         """Empty decode caches, one per trunk layer (MLA latents or a GLA state)."""
         return [MLACache() if mla else GLACache() for mla in self.layer_mla]
 
-    def start(self, capture: Collection[str] = ()) -> ReferenceSession:
-        """A fresh sequence recording the named points (``result_output`` always)."""
-        return ReferenceSession(self, self._check_capture(capture))
+    def start(
+        self,
+        capture: Collection[str] = (),
+        forced_routing: Mapping[int, np.ndarray | torch.Tensor] | None = None,
+    ) -> ReferenceSession:
+        """A fresh sequence recording the named points (``result_output`` always).
+
+        ``forced_routing`` maps an MoE layer (the MTP block is layer ``n_layers``) to expert ids
+        [positions, k], one row per fed position in order across feeds: that layer then uses
+        these ids instead of its own selection (weights still from its own router)."""
+        forced = self._check_forced_routing(forced_routing or {})
+        return ReferenceSession(self, self._check_capture(capture), forced)
+
+    def moe_layers(self) -> list[int]:
+        """The layers whose FFN is routed: trunk MoE layers, then the MTP block (``n_layers``)."""
+        layers = [layer for layer in range(self.n_layers) if self.config.is_moe(layer)]
+        return layers + ([self.n_layers] if self.mtp is not None else [])
+
+    def _check_forced_routing(
+        self, forced: Mapping[int, np.ndarray | torch.Tensor]
+    ) -> dict[int, torch.Tensor]:
+        allowed = self.moe_layers()
+        checked = {}
+        for layer, ids in forced.items():
+            if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
+                raise InputError(f"forced_routing keys are layer numbers, got {layer!r}")
+            if int(layer) not in allowed:
+                raise InputError(
+                    f"forced_routing names layer {layer}, which has no router; MoE layers are "
+                    f"{allowed}"
+                )
+            try:
+                checked[int(layer)] = check_forced_ids(
+                    ids, self.config.num_experts, self.router_config.num_experts_per_tok
+                ).to(self.device)
+            except InputError as e:
+                raise InputError(f"forced_routing layer {layer}: {e}") from None
+        return checked
 
     # ---- loading ----
 
@@ -572,8 +619,23 @@ class BailingHybridReference:
         positions: torch.Tensor,
         rec: _Recorder,
         name: Namer,
+        forced: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One pre-norm decoder layer on the new tokens ``x`` [T, hidden]; updates ``cache``."""
+        """One pre-norm decoder layer on the new tokens ``x`` [T, hidden]; updates ``cache``.
+        ``forced`` [T, k]: the MoE uses these expert ids (a router-forced run)."""
+        return self.block_forward_routed(x, block, cache, positions, rec, name, forced)[0]
+
+    def block_forward_routed(
+        self,
+        x: torch.Tensor,
+        block: Block,
+        cache: Cache,
+        positions: torch.Tensor,
+        rec: _Recorder,
+        name: Namer,
+        forced: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Routing | None]:
+        """:meth:`block_forward`, also returning the MoE's routing (None for a dense FFN)."""
         a = rms_norm(x, block.input_norm, self.eps)
         rec.put(name("attn_norm"), a)
         attention = block.attention  # a streamed block reads it now; dropped below
@@ -598,8 +660,12 @@ class BailingHybridReference:
         f = rms_norm(h, block.post_norm, self.eps)
         rec.put(name("ffn_norm"), f)
         ffn = block.ffn
+        routing = None
         if isinstance(ffn, MoEWeights):
-            moe = moe_forward(f, ffn, self.router_config, self.options.variant)
+            # Unforced, the call is unchanged (tests wrap moe_forward with the plain signature).
+            extra = {} if forced is None else {"forced_ids": forced}
+            moe = moe_forward(f, ffn, self.router_config, self.options.variant, **extra)
+            routing = moe.routing
             rec.put(name("ffn_moe_logits"), moe.routing.logits)
             rec.put(name("ffn_moe_topk"), moe.routing.ids)
             rec.put(name("ffn_moe_weights"), moe.routing.weights)
@@ -612,7 +678,7 @@ class BailingHybridReference:
         rec.put(name("ffn_out"), out)
         y = h + out
         rec.put(name("l_out"), y)
-        return y
+        return y, routing
 
     def _gla(
         self,
@@ -700,9 +766,19 @@ class ReferenceSession:
     0..T-2, and the same rows, in order, when fed token by token.
     """
 
-    def __init__(self, model: BailingHybridReference, capture: frozenset[str]) -> None:
+    def __init__(
+        self,
+        model: BailingHybridReference,
+        capture: frozenset[str],
+        forced_routing: dict[int, torch.Tensor] | None = None,
+    ) -> None:
         self._m = model
         self._rec_names = capture
+        self._forced = forced_routing or {}
+        # layer -> [positions run so far] margins of the forced ids (routing_margins)
+        self.routing_margins: dict[int, np.ndarray] = {
+            layer: np.zeros(0) for layer in self._forced
+        }
         self._caches: list[Cache] = model.new_caches()
         self.position = 0
         self._mtp_on = model.mtp is not None and any(n.startswith("mtp_") for n in capture)
@@ -723,11 +799,16 @@ class ReferenceSession:
         tokens = self._check_tokens(tokens, next_token)
         rec = _Recorder(self._rec_names)
         t = len(tokens)
+        self._check_forced_rows(t, next_token)
         positions = torch.arange(self.position, self.position + t, device=m.device)
         m.begin_forward()
         x = m.embed_rows(tokens)
         for i, (block, cache) in enumerate(zip(m.blocks, self._caches, strict=True)):
-            x = m.block_forward(x, block, cache, positions, rec, lambda s, i=i: f"{s}-{i}")
+            forced = self._forced_rows(i, self.position, self.position + t)
+            x, routing = m.block_forward_routed(
+                x, block, cache, positions, rec, lambda s, i=i: f"{s}-{i}", forced
+            )
+            self._note_margins(i, routing, forced)
             if m.streamed:
                 release_freed_memory()  # the layer's weights, not just their Python objects
             if m.layer_done is not None:
@@ -744,6 +825,35 @@ class ReferenceSession:
         for name, logits in zip(names, m.logits_many(heads), strict=True):
             rec.put(name, logits)
         return rec.captures
+
+    def _forced_rows(self, layer: int, start: int, stop: int) -> torch.Tensor | None:
+        ids = self._forced.get(layer)
+        return None if ids is None else ids[start:stop]
+
+    def _note_margins(
+        self, layer: int, routing: Routing | None, forced: torch.Tensor | None
+    ) -> None:
+        if forced is None or routing is None:
+            return
+        margins = routing.margins.detach().to("cpu", torch.float64).numpy()
+        self.routing_margins[layer] = np.concatenate((self.routing_margins[layer], margins))
+
+    def _check_forced_rows(self, t: int, next_token: int | None) -> None:
+        """Before anything runs: every forced layer has a row for each position this feed
+        reaches (the MTP block: each MTP row it will produce)."""
+        m = self._m
+        for layer, ids in self._forced.items():
+            if layer == m.n_layers:
+                if not self._mtp_on:
+                    continue
+                needed = len(self._tokens) + t - (next_token is None)
+            else:
+                needed = self.position + t
+            if ids.shape[0] < needed:
+                raise InputError(
+                    f"forced_routing layer {layer} has {ids.shape[0]} rows, but this feed "
+                    f"runs that layer up to position {needed - 1}"
+                )
 
     def _check_tokens(self, tokens: Sequence[int], next_token: int | None) -> list[int]:
         tokens = [int(t) for t in tokens]
@@ -784,7 +894,11 @@ class ReferenceSession:
         u = F.linear(torch.cat(pair, dim=-1), head.eh_proj)
         rec.put("mtp_eh_proj", u)
         positions = torch.arange(start, stop, device=m.device)
-        y = m.block_forward(u, head.block, self._mtp_cache, positions, rec, _MTP_NAMES.get)
+        forced = self._forced_rows(m.n_layers, start, stop)
+        y, routing = m.block_forward_routed(
+            u, head.block, self._mtp_cache, positions, rec, _MTP_NAMES.get, forced
+        )
+        self._note_margins(m.n_layers, routing, forced)
         final = head.final_norm if variant.mtp_final_norm == "mtp_final_layernorm" else m.norm
         normed = rms_norm(y, final, m.eps)
         rec.put("mtp_result_norm", normed)

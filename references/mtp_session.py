@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.core.capture_points import MTP_POINTS
 from harness.core.errors import InputError
 from references.mla import MLACache
 from references.model import BailingHybridReference, Cache
@@ -179,8 +180,6 @@ class ReferenceMtpModel:
 
     def capture(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
         """Teacher forcing: every mtp_* point for positions 0..T-2 and the trunk's logits."""
-        from harness.core.capture_points import MTP_POINTS
-
         names = [p.stem for p in MTP_POINTS]
         return self.model.start([*names, "result_output"]).feed(list(tokens))
 

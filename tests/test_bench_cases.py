@@ -90,7 +90,7 @@ def test_the_bench_cases_materialise() -> None:
 
 def test_gguf_byte_accounting_counts_one_embedding_row_and_the_used_experts(tmp_path) -> None:
     pytest.importorskip("gguf")
-    from harness.llamacpp.testing import (
+    from tests.llamacpp_testing import (
         TinyBailingMoe3,
         bailingmoe3_tensor_shapes,
         write_tiny_bailingmoe3,

@@ -46,3 +46,27 @@ def test_all_points_covers_every_layer():
     names = cp.all_points(3, mtp=True)
     assert {"l_out-0", "l_out-2", "result_output", "mtp_result_output"} <= set(names)
     assert "l_out-3" not in names
+
+
+# --- what usually breaks at a point (the advice the report and the CLI give) ---
+
+
+def test_every_capture_stem_has_an_explanation() -> None:
+    generic = cp.explain_divergence("not_a_point-3")
+    assert "no specific advice" in generic
+    for spec in cp.LAYER_POINTS + cp.TRUNK_POINTS + cp.MTP_POINTS:
+        name = f"{spec.stem}-0" if spec in cp.LAYER_POINTS else spec.stem
+        assert spec.advice and cp.explain_divergence(name) == spec.advice, spec.stem
+
+
+def test_explanations_name_the_usual_culprits() -> None:
+    assert "l/(L-1)" in cp.explain_divergence("gla_out-4")
+    assert "input_layernorm" in cp.explain_divergence("g_gate-0")
+    assert "expert_bias" in cp.explain_divergence("ffn_moe_topk-9")
+    assert "routed_scaling_factor" in cp.explain_divergence("ffn_moe_weights-9")
+    assert "interleaved" in cp.explain_divergence("attn_out-7")
+
+
+def test_a_malformed_name_still_gets_its_stems_advice() -> None:
+    """A global point with a layer suffix is not canonical, but its stem says what it is."""
+    assert cp.explain_divergence("result_norm-3") == cp.explain_divergence("result_norm")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli.main import HARD_PROMPT_CAP, main
+from harness.cli.inputs import HARD_PROMPT_CAP
+from harness.cli.main import main
 from harness.report import run_folder as reporting
 from tests.upstream_writer import write_upstream_checkpoint
 

@@ -36,7 +36,7 @@ import pytest
 
 from harness.core.lifecycle import PAUSE_ENV, PAUSE_MARKER
 from harness.llamacpp.client import WORKDIR_PREFIX
-from harness.llamacpp.testing import require_llamacpp
+from tests.llamacpp_testing import require_llamacpp
 from tests.proc_tools import session_members
 from tests.upstream_writer import write_upstream_checkpoint
 

@@ -11,7 +11,7 @@ from harness.backends.targets import Target
 from harness.checks.cases import load_case, materialize
 from harness.checks.compare import save_results
 from harness.checks.gate import GateRules, gate, load_baseline, load_run, save_baseline
-from harness.checks.runner import Runner
+from harness.checks.session import CheckSession
 from harness.cli.gate import run as gate_cli
 from harness.core.errors import InputError
 
@@ -20,7 +20,7 @@ CASES = Path(__file__).resolve().parent.parent / "cases"
 
 def _parity_run(out: Path) -> Path:
     """A real parity run (fresh runner: nothing memoised) of two candidates on one prompt."""
-    runner = Runner()
+    runner = CheckSession()
     case = load_case(CASES / "flash-mini.toml")
     prompt = case.prompts[0]
     for cand in ("torch-float32", "mlx-float32"):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from harness.checks.cases import DEFAULT_TOLERANCES
-from harness.checks.compare import nmse
 from harness.checks.golden import open_golden
 from harness.cli.main import main
+from harness.core.metrics import nmse
 from tests.upstream_writer import write_upstream_checkpoint
 
 

@@ -15,7 +15,7 @@ from harness.backends.base import BackendOptions
 from harness.backends.hf_remote import HfRemoteBackend, remote_code_of
 from harness.backends.targets import Target
 from harness.checks.cases import DEFAULT_TOLERANCES
-from harness.checks.runner import Runner
+from harness.checks.session import CheckSession
 from harness.checks.slope_convention import chosen, detect
 from harness.core import capture_points
 from harness.core.errors import ArchitectureNotSupported, InputError
@@ -38,13 +38,13 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def runner():
-    r = Runner()
+    r = CheckSession()
     yield r
     for model in r.models.values():
         getattr(model, "close", lambda: None)()
 
 
-def compare(runner: Runner, checkpoint: Path, reference: Target, mode: str = "prefill"):
+def compare(runner: CheckSession, checkpoint: Path, reference: Target, mode: str = "prefill"):
     return runner.compare(case="remote", prompt="short", checkpoint=checkpoint, tokens=TOKENS,
                           candidate=CANDIDATE, reference=reference, tolerance=FLOAT32, mode=mode,
                           n_decode=4)

@@ -111,7 +111,7 @@ def test_remote_code_runs_on_the_pinned_transformers_within_float32_tolerance(tm
     """The real overlay (built with pip on first use, then cached): transformers 4.57.1."""
     from harness.backends.base import BackendOptions, forward
     from harness.backends.hf_remote import HfRemoteBackend
-    from harness.checks.compare import nmse
+    from harness.core.metrics import nmse
     from references.model import BailingHybridReference
     from tests.hf_remote_checkpoint import write_remote_checkpoint
 

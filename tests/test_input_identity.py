@@ -120,7 +120,7 @@ def test_a_tensor_in_two_files_is_refused_for_ling3_too(tmp_path) -> None:
     import shutil
 
     from harness.backends.base import BackendOptions
-    from harness.backends.torch_backend import TorchBackend
+    from harness.backends.transformers_ling3 import TransformersBackend
     from harness.checks.cases import load_case, materialize
 
     pytest.importorskip("transformers.models.bailing_hybrid")
@@ -130,7 +130,7 @@ def test_a_tensor_in_two_files_is_refused_for_ling3_too(tmp_path) -> None:
     name = sorted(trunk)[0]
     save_file({name: trunk[name] + 1}, ckpt / "model-extra.safetensors")  # not in the index
     with pytest.raises(InputError, match=f"tensor {name} is in two files, "):
-        TorchBackend().load(ckpt, BackendOptions(dtype="float64"))
+        TransformersBackend().load(ckpt, BackendOptions(dtype="float64"))
 
 
 def test_the_command_line_flag_allows_extras_and_reports_them(tmp_path, monkeypatch) -> None:

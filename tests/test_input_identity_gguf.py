@@ -105,7 +105,7 @@ def test_a_gguf_of_other_shapes_is_an_input_error(flash, rope_dims) -> None:
 
 def test_a_gguf_of_another_architecture_is_an_input_error(flash, tmp_path: Path) -> None:
     ckpt, _ = flash
-    from harness.llamacpp.testing import write_tiny_bailingmoe3
+    from tests.llamacpp_testing import write_tiny_bailingmoe3
 
     other = write_tiny_bailingmoe3(tmp_path / "ling3.gguf")
     with pytest.raises(InputError, match=r"is a 'bailingmoe3' GGUF, but the checkpoint is ling26 "
@@ -220,7 +220,7 @@ def test_different_k_and_v_types_on_an_mla_model_are_an_input_error(flash) -> No
 
 
 def test_the_readme_type_k_f16_example_loads_a_ling26_model(flash) -> None:
-    from harness.llamacpp.testing import require_llamacpp
+    from tests.llamacpp_testing import require_llamacpp
 
     require_llamacpp()
     ckpt, gguf = flash

@@ -12,7 +12,7 @@ from harness.backends.base import forward, stepwise
 from harness.backends.families import family_of
 from harness.backends.targets import Target
 from harness.checks.cases import load_case, materialize
-from harness.checks.runner import Runner
+from harness.checks.session import CheckSession
 from harness.core.errors import InputError
 from references.ling3.config import Ling3Config, config_from_dict, load_config
 from references.ling3.normalize import (
@@ -75,8 +75,8 @@ def cfg(ckpt: Path) -> Ling3Config:
 
 
 @pytest.fixture(scope="module")
-def runner() -> Runner:
-    return Runner()
+def runner() -> CheckSession:
+    return CheckSession()
 
 
 # --- family dispatch --------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def test_each_normalisation_is_needed_by_what_transformers_writes(case, tmp_path
 )
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 def test_candidates_agree_with_transformers_float64_per_layer(
-    runner: Runner, case, ckpt: Path, cfg: Ling3Config, candidate: str, mode: str
+    runner: CheckSession, case, ckpt: Path, cfg: Ling3Config, candidate: str, mode: str
 ) -> None:
     for prompt in case.prompts:
         result = runner.compare(
@@ -276,7 +276,9 @@ def test_candidates_agree_with_transformers_float64_per_layer(
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("mlx", marks=needs_mlx)])
-def test_stepwise_decode_equals_a_full_forward(runner: Runner, case, ckpt: Path, backend: str):
+def test_stepwise_decode_equals_a_full_forward(
+    runner: CheckSession, case, ckpt: Path, backend: str
+):
     from harness.core.capture_points import all_points
 
     dtype = "float64" if backend == "torch" else "float32"

@@ -18,8 +18,9 @@ import torch
 
 from harness.backends.base import BackendOptions
 from harness.backends.targets import Target
+from harness.backends.transformers_ling3 import load_ling3
 from harness.checks.cases import CASES_DIR, load_case, materialize
-from harness.checks.compare import compare_captures, first_divergence, nmse
+from harness.checks.compare import compare_captures, first_divergence
 from harness.checks.mtp import (
     MtpPrompt,
     MtpRunner,
@@ -30,7 +31,7 @@ from harness.checks.mtp import (
     speculative_greedy,
 )
 from harness.core.errors import InputError
-from harness.llamacpp.testing import require_llamacpp
+from harness.core.metrics import nmse
 from references.checkpoint_io import read_tensors, weight_files
 from references.ling3.config import load_config
 from references.ling3.mtp import (
@@ -41,6 +42,7 @@ from references.ling3.mtp import (
 )
 from references.mla import MLACache, MLADims, mla_forward
 from references.variant import mutations
+from tests.llamacpp_testing import require_llamacpp
 
 STEPS = 32
 REFERENCE = Target.parse("torch-float64")
@@ -84,8 +86,6 @@ def test_our_gated_mla_computes_transformers_mla_layer():
     ckpt = materialize(case)
     cfg = load_config(ckpt)
     layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_mla(i))
-    from harness.backends.transformers_ling3 import load_ling3
-
     trunk = load_ling3(ckpt, BackendOptions(dtype="float64"))
     tokens = case.prompts[1].tokens
     caps = trunk.start([f"attn_norm-{layer}", f"attn_out-{layer}"]).feed(tokens)
@@ -160,7 +160,8 @@ def test_mtp_mutation_is_named_at_its_first_mtp_point(agree, reference, mutation
     case, ckpt = agree
     tokens = _tokens(case, "random-64")
     correct = reference.capture(tokens)
-    mutant = load_ling3_mtp(ckpt, BackendOptions(extra={"variant": mutation})).capture(tokens)
+    options = BackendOptions(extra={"variant": mutation})
+    mutant = load_ling3_mtp(ckpt, options, load_trunk=load_ling3).capture(tokens)
     df = compare_captures(mutant, correct, case.tolerance("float32"))
     assert first_divergence(df) == EXPECTED[mutation]
     assert df.loc[df["point"] == "result_output", "passed"].item(), "the trunk is untouched"
@@ -170,7 +171,7 @@ def test_mtp_mutation_is_named_at_its_first_mtp_point(agree, reference, mutation
 def test_the_unmutated_head_passes_every_mtp_point(agree, reference):
     tokens = _tokens(agree[0], "random-64")
     caps = reference.capture(tokens)
-    again = load_ling3_mtp(agree[1], BackendOptions()).capture(tokens)
+    again = load_ling3_mtp(agree[1], BackendOptions(), load_trunk=load_ling3).capture(tokens)
     df = compare_captures(again, caps, agree[0].tolerance("float32"))
     assert df["passed"].all() and len(df) == len(caps)
 
@@ -236,12 +237,13 @@ def test_a_missing_mtp_tensor_is_named(agree, tmp_path):
     del index["weight_map"][victim]
     index_path.write_text(json.dumps(index))
     with pytest.raises(InputError, match=rf"missing MTP tensor\(s\) {victim}"):
-        load_ling3_mtp(ckpt, BackendOptions())
+        load_ling3_mtp(ckpt, BackendOptions(), load_trunk=load_ling3)
 
 
 def test_a_trunk_variant_is_refused_for_ling3(agree):
+    options = BackendOptions(extra={"variant": "slope_off_by_one"})
     with pytest.raises(InputError, match="only the MTP mutations"):
-        load_ling3_mtp(agree[1], BackendOptions(extra={"variant": "slope_off_by_one"}))
+        load_ling3_mtp(agree[1], options, load_trunk=load_ling3)
 
 
 def test_a_checkpoint_without_mtp_layer_says_so():

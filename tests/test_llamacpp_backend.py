@@ -31,12 +31,12 @@ from harness.backends.llamacpp_backend import (
 from harness.backends.targets import BACKENDS, Target, parse_targets
 from harness.checks.cases import load_case, materialize
 from harness.checks.greedy import GREEDY_STEPS, greedy_compare
-from harness.checks.runner import Runner
+from harness.checks.session import CheckSession
 from harness.core.capture_points import all_points
 from harness.core.errors import InputError, PortFailure
 from harness.llamacpp import abi
 from harness.llamacpp.inventory import rewrite_gguf
-from harness.llamacpp.testing import require_llamacpp
+from tests.llamacpp_testing import require_llamacpp
 
 ROOT = Path(__file__).resolve().parent.parent
 NMSE_MAX = 1e-8
@@ -58,12 +58,12 @@ def ckpt(case) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runner() -> Runner:
-    return Runner()
+def runner() -> CheckSession:
+    return CheckSession()
 
 
 @pytest.fixture(scope="module")
-def f32(runner: Runner, ckpt: Path):
+def f32(runner: CheckSession, ckpt: Path):
     """The f32 GGUF with an f32 KV cache, loaded once for the module."""
     require_llamacpp()
     return runner.model(Target.parse("llamacpp"), ckpt)

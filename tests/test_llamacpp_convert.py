@@ -23,7 +23,7 @@ from harness.llamacpp.convert import (
     convert,
     write_tiny_tokenizer,
 )
-from harness.llamacpp.testing import REQUIRE_ENV
+from tests.llamacpp_testing import REQUIRE_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,11 +23,10 @@ import numpy as np
 import pytest
 
 from harness.backends.base import BackendOptions
+from harness.backends.registry import implementation
 from harness.backends.targets import Target
 from harness.checks.cases import load_case, materialize
-from harness.checks.compare import nmse
 from harness.checks.mtp import (
-    MTP_BACKENDS,
     MtpPrompt,
     MtpRunner,
     OracleDrafts,
@@ -36,7 +35,8 @@ from harness.checks.mtp import (
     speculative_greedy,
 )
 from harness.core.errors import ArchitectureNotSupported, InputError, PortFailure
-from harness.llamacpp.testing import REQUIRE_ENV, require_llamacpp
+from harness.core.metrics import nmse
+from tests.llamacpp_testing import REQUIRE_ENV, require_llamacpp
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 16  # as the pytest plugin's mtp mode
@@ -88,11 +88,14 @@ def reference(runner, ckpt):
 
 
 def test_registered_as_an_mtp_backend() -> None:
-    assert MTP_BACKENDS["llamacpp"] == "harness.llamacpp.mtp:load_llamacpp_mtp"
+    for family in ("ling26", "ling3"):
+        impl = implementation("llamacpp", family)
+        assert impl.capabilities.mtp and impl.capabilities.mtp_captures
+        assert impl.mtp_loader == "harness.backends.llamacpp_mtp:load_llamacpp_mtp"
 
 
 def test_a_bad_chain_option_is_an_input_error(ckpt) -> None:
-    from harness.llamacpp.mtp import load_llamacpp_mtp
+    from harness.backends.llamacpp_mtp import load_llamacpp_mtp
 
     with pytest.raises(InputError, match="mtp_chain"):
         load_llamacpp_mtp(ckpt, BackendOptions(extra={"mtp_chain": "post"}), "x")

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from harness.core.capture_points import all_points, parse
-from harness.llamacpp.names import PORTS, port_for_arch, to_canonical, wanted_names
-from harness.llamacpp.testing import require_llamacpp
+from harness.llamacpp.known_ports import port_for_arch
+from harness.llamacpp.names import PORTS, to_canonical, wanted_names
+from tests.llamacpp_testing import require_llamacpp
 
 TOKENS = [1, 5, 9, 2, 33, 17, 60, 4, 8, 21, 3, 42]
 
@@ -22,7 +23,7 @@ TOKENS = [1, 5, 9, 2, 33, 17, 60, 4, 8, 21, 3, 42]
 @pytest.fixture(scope="module")
 def bm3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require_llamacpp()
-    from harness.llamacpp.testing import write_tiny_bailingmoe3
+    from tests.llamacpp_testing import write_tiny_bailingmoe3
 
     return write_tiny_bailingmoe3(tmp_path_factory.mktemp("gguf") / "tiny-bm3.gguf")
 
@@ -32,7 +33,7 @@ def bm3_run(bm3_path: Path) -> dict:
     """One-shot forward capturing every canonical point, plus a prefill+steps run."""
     require_llamacpp()
     from harness.llamacpp.client import WorkerClient
-    from harness.llamacpp.testing import TinyBailingMoe3
+    from tests.llamacpp_testing import TinyBailingMoe3
 
     cfg = TinyBailingMoe3()
     port = PORTS["bailingmoe3"]

@@ -18,7 +18,7 @@ from harness.backends.targets import Target
 from harness.checks.cases import CASES_DIR, load_case, materialize
 from harness.checks.mtp import load_mtp_model, plain_greedy, speculative_greedy
 from harness.core.errors import InputError
-from harness.llamacpp.testing import require_llamacpp
+from tests.llamacpp_testing import require_llamacpp
 
 STEPS = 24
 CASES = ("mtp-agree", "ling3-mtp-agree")  # our port (GLA), upstream bailingmoe3 (KDA)
@@ -80,7 +80,7 @@ def test_a_rollback_to_the_wrong_position_is_caught(monkeypatch):
 
 
 def test_a_bad_rollback_option_is_an_input_error():
-    from harness.llamacpp.mtp import load_llamacpp_mtp
+    from harness.backends.llamacpp_mtp import load_llamacpp_mtp
 
     ckpt = materialize(load_case(CASES_DIR / "mtp-agree.toml"))
     with pytest.raises(InputError, match="mtp_rollback"):

@@ -15,7 +15,7 @@ import pytest
 
 from harness.core.errors import InputError, PortFailure
 from harness.llamacpp.client import ContextParams, WorkerClient, squeeze_to
-from harness.llamacpp.testing import (
+from tests.llamacpp_testing import (
     TinyBailingMoe3,
     TinyLlama,
     require_llamacpp,

@@ -14,23 +14,19 @@ import pytest
 from harness.backends.mlx_backend import MlxBackend
 from harness.backends.targets import Target
 from harness.checks.cases import CASES_DIR, load_case, materialize
-from harness.checks.compare import nmse
-from harness.checks.mtp import (
-    MTP_COLUMNS,
+from harness.checks.mtp import MtpPrompt, MtpRunner, load_mtp_model, mtp_section
+from harness.checks.mtp_decoding import (
     DraftStep,
-    MtpPrompt,
-    MtpRunner,
     OracleDrafts,
     SpecResult,
-    load_mtp_model,
-    mtp_frame,
-    mtp_section,
     plain_greedy,
     replay_drafts,
-    save_mtp,
     speculative_greedy,
 )
+from harness.checks.mtp_store import MTP_COLUMNS, mtp_frame, save_mtp
 from harness.core.errors import InputError
+from harness.core.metrics import nmse
+from harness.report.page import render_section
 from references.model import BailingHybridReference
 from references.mtp_session import ReferenceMtpModel
 from tests.tiny_checkpoint import write_tiny_checkpoint
@@ -187,7 +183,7 @@ def test_the_table_has_the_gate_columns_and_the_section_says_what_it_shows(flash
     paths = save_mtp(df, tmp_path)
     back = pd.read_parquet(paths["parquet"])
     assert list(back.columns[: len(MTP_COLUMNS)]) == list(MTP_COLUMNS)
-    html = mtp_section(runs).html
+    html = render_section(mtp_section(runs))
     assert "torch-float64" in html and "mean acc. length" in html
 
 

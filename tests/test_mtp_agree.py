@@ -15,15 +15,8 @@ import pytest
 from harness.backends.mlx_backend import MlxBackend
 from harness.backends.targets import Target
 from harness.checks.cases import CASES_DIR, load_case, materialize, write_checkpoint
-from harness.checks.mtp import (
-    MtpModel,
-    MtpPrompt,
-    MtpRunner,
-    SpecResult,
-    load_mtp_model,
-    replay_drafts,
-    speculative_greedy,
-)
+from harness.checks.mtp import MtpPrompt, MtpRunner, load_mtp_model
+from harness.checks.mtp_decoding import MtpModel, SpecResult, replay_drafts, speculative_greedy
 from harness.core.errors import InputError
 from references.synthetic import SHAPING_KEY, write_synthetic_checkpoint
 from references.variant import mutations

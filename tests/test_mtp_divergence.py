@@ -15,8 +15,8 @@ import pytest
 from harness.backends.targets import Target
 from harness.checks.cases import CASES_DIR, load_case, materialize
 from harness.checks.mtp import first_mtp_divergence, load_mtp_model
-from harness.llamacpp.testing import require_llamacpp
 from references.variant import mutations
+from tests.llamacpp_testing import require_llamacpp
 
 TOL = 1e-8
 ALL_POINTS = {  # torch, and our port's MTP graph

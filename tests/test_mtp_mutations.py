@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 
 from harness.checks.cases import CASES_DIR, load_case, materialize
-from harness.checks.compare import compare_captures, first_divergence, nmse
-from harness.checks.mtp import draft_agreement, replay_drafts, speculative_greedy
+from harness.checks.compare import compare_captures, first_divergence
+from harness.checks.mtp_decoding import draft_agreement, replay_drafts, speculative_greedy
 from harness.core.capture_points import all_points
+from harness.core.metrics import nmse
 from references.model import BailingHybridReference, ReferenceOptions
 from references.mtp_session import ReferenceMtpModel
 from references.variant import mutations

@@ -20,7 +20,8 @@ import pytest
 
 from harness.backends.targets import Target
 from harness.checks.cases import CASES_DIR, load_case, materialize
-from harness.checks.mtp import MtpModel, MtpSession, load_mtp_model, speculative_greedy
+from harness.checks.mtp import load_mtp_model
+from harness.checks.mtp_decoding import MtpModel, MtpSession, speculative_greedy
 from harness.cli.main import main
 from harness.perf.mtp_speed import (
     COLUMNS,

@@ -13,7 +13,7 @@ import pytest
 
 from harness.backends.targets import Target
 from harness.checks.cases import load_case, materialize
-from harness.checks.runner import Runner
+from harness.checks.session import CheckSession
 
 CASES = Path(__file__).resolve().parent.parent / "cases"
 
@@ -34,11 +34,11 @@ REFERENCE = Target.parse("torch-float64")
 
 
 @pytest.fixture(scope="module")
-def runner() -> Runner:
-    return Runner()
+def runner() -> CheckSession:
+    return CheckSession()
 
 
-def _compare(runner: Runner, case_name: str, mutation: str | None):
+def _compare(runner: CheckSession, case_name: str, mutation: str | None):
     case = load_case(CASES / f"{case_name}.toml")
     prompt = case.prompts[-1]
     extra = {"variant": mutation} if mutation else {}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.checks.compare import nmse
+from harness.core.metrics import nmse
 from references.gla import gla_chunked, gla_recurrent
 from references.ops import log_decay
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.checks.compare import nmse
+from harness.core.metrics import nmse
 from references.mla import LORA_NORM_EPS, MLACache, MLADims, MLAWeights, mla_forward
 from references.ops import rms_norm, rope
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from harness.backends.base import forward, stepwise
-from harness.checks.compare import nmse
 from harness.core.capture_points import all_points, in_forward_order, kind_of
 from harness.core.errors import InputError
+from harness.core.metrics import nmse
 from references.model import BailingHybridReference, ReferenceOptions
 from references.ops import rms_norm
 from references.variant import mutations

@@ -11,12 +11,23 @@ import pandas as pd
 import pytest
 from markupsafe import escape
 
-from harness.checks.compare import PairResult, Tolerance, compare_pair, explain_divergence
-from harness.checks.mtp import DraftStep, MtpRun, SpecResult, mtp_section
+from harness.checks.compare import PairResult, compare_pair
+from harness.checks.mtp import MtpRun, mtp_section
+from harness.checks.mtp_decoding import DraftStep, SpecResult
+from harness.core.capture_points import explain_divergence
+from harness.core.tolerances import Tolerance
 from harness.core.verdict import CheckVerdict, RunVerdict, Status
-from harness.report.page import GateSummary, free_run_dir, render_report, write_report
+from harness.perf.sections import throughput_section
+from harness.perf.sweep import throughput_frame
 from harness.report import heatmap as report_heatmap
 from harness.report import page as report
+from harness.report.page import (
+    GateSummary,
+    free_run_dir,
+    render_report,
+    render_section,
+    write_report,
+)
 
 TOL = Tolerance(nmse=1e-8)
 ENV = {"python": "3.11", "torch": "2.x"}
@@ -302,7 +313,7 @@ def test_findings_are_grouped_port_failures_first_with_the_stderr_collapsed() ->
 
 def test_the_heatmap_is_layers_by_points_with_the_first_divergence_marked() -> None:
     failing = sample_results()[0]
-    hm = report_heatmap.heatmap(failing.table, failing.first_divergence)
+    hm = report_heatmap.heatmap(failing.table, failing.first_divergence, TOL.nmse)
     assert hm.layers == [0, 1, 2]
     assert [stem for stem, _ in hm.rows] == ["gla_out", "l_out"]
     css = {stem: [c.css for c in cells] for stem, cells in hm.rows}
@@ -316,8 +327,7 @@ def test_heatmap_colours_run_from_green_below_the_tolerance_to_red_above() -> No
     def color(nmse: float, passed: bool = True, kind: str = "dense") -> str:
         table = pd.DataFrame([{"point": "l_out-0", "kind": kind, "nmse": nmse, "passed": passed,
                                "index_agreement": 1.0 if passed else 0.5, "note": ""}])
-        table.attrs["tolerance"] = {"nmse": 1e-8}
-        return report_heatmap.heatmap(table, None).rows[0][1][0].color
+        return report_heatmap.heatmap(table, None, tolerance=1e-8).rows[0][1][0].color
 
     below, at, above = color(1e-20), color(1e-8), color(1e-4, passed=False)
     assert below == "#006837" and at == "#fffebe" and above == "#a50026"  # RdYlGn_r ends, middle
@@ -332,7 +342,7 @@ def test_the_mtp_section_draws_acceptance_per_draft_position_as_bars() -> None:
                   for i, accepted in enumerate((2, 1, 0, 2)))
     run = MtpRun("c", "p", "mlx", SpecResult((1,), (1, 2), steps, chain=2), greedy_unchanged=True,
                  drafts_match_reference=True)
-    html = mtp_section([run]).html
+    html = render_section(mtp_section([run]))
     assert ('<span class="accpos" title="draft position 1: 0.75"><span style="width: 75%">'
             '</span></span><span class="accpos" title="draft position 2: 0.50">'
             '<span style="width: 50%"></span></span> <span class="mono">0.75, 0.50</span>'
@@ -341,6 +351,6 @@ def test_the_mtp_section_draws_acceptance_per_draft_position_as_bars() -> None:
 
 def test_a_report_without_checks_states_no_verdict() -> None:
     html = render_report([], title="throughput", environment={},
-                         sections=[report.Section("Throughput", "<p>t/s</p>")])
+                         sections=[throughput_section(throughput_frame([]))])
     assert '<header id="headline" class="headline none">' in html
     assert 'id="run-verdict"' not in html and "FAIL" not in html

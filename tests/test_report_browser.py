@@ -17,7 +17,7 @@ import pytest
 
 from harness.backends.targets import Target
 from harness.checks.cases import load_case, materialize
-from harness.checks.runner import Runner
+from harness.checks.session import CheckSession
 from harness.core.errors import InputError
 from harness.core.verdict import CheckVerdict, RunVerdict, Status
 from harness.report.browser_check import CHROMIUM_ARGS, VIEWPORT, check_report, chromium_path
@@ -50,7 +50,7 @@ def _required() -> bool:
 def _run(out: Path, candidates: list[Target]) -> RunVerdict:
     """flash-mini's first prompt, prefill, each candidate against the float64 reference, plus a
     greedy pass, a port failure and a skip; the report written into ``out``."""
-    runner = Runner()
+    runner = CheckSession()
     case = load_case(CASES / "flash-mini.toml")
     prompt = case.prompts[0]
     for cand in candidates:

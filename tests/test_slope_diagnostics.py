@@ -19,6 +19,7 @@ from harness.checks.slope_diagnostics import (
     slope_section,
 )
 from harness.cli.main import main
+from harness.report.page import render_section
 from references.model import BailingHybridReference, ReferenceOptions
 from references.ops import layer_factor
 from references.variant import Variant
@@ -149,6 +150,6 @@ def test_slopes_cli_names_the_off_by_one_port_and_fails(checkpoint, ports, tmp_p
 @needs_mlx
 def test_slope_section_tabulates_every_layer_and_length(checkpoint, refs):
     v = diagnose("mlx", _mlx(checkpoint), refs, lengths=(16,))
-    html = slope_section([v], formula_growth(refs, (16,))).html
+    html = render_section(slope_section([v], formula_growth(refs, (16,))))
     assert html.count("<td>mlx</td>") == 1 + 2 * 2  # verdict row + (exposed, black box) x 2
     assert "T = 16" in html and "off-by-one vs corrected" in html

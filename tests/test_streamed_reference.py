@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from harness.checks.cases import load_cases, materialize
-from harness.checks.compare import nmse
 from harness.core import capture_points
+from harness.core.metrics import nmse
 from references.model import BailingHybridReference, ReferenceOptions
 from references.weights import choose_load, in_memory_bytes
 

@@ -9,7 +9,7 @@ import torch
 
 from harness.backends.targets import Target
 from harness.checks.cases import load_case, materialize
-from harness.checks.runner import Runner
+from harness.checks.session import CheckSession
 from tests.test_mutations import CASES, EXPECTED
 
 STREAMED = {"load": "streamed"}
@@ -22,11 +22,11 @@ PICKED = ("slope_off_by_one", "mla_rope_half_split", "no_group_limit", "shared_e
 def runner():
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: the thread pool only costs on a shared machine
-    yield Runner()
+    yield CheckSession()
     torch.set_num_threads(before)
 
 
-def _compare(runner: Runner, mutation: str | None):
+def _compare(runner: CheckSession, mutation: str | None):
     case = load_case(CASES / "flash-mini.toml")
     prompt = case.prompts[-1]
     candidate = Target.parse("torch-float64", {**STREAMED, **({"variant": mutation}

@@ -13,14 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.backends import targets
+from harness.backends import registry, targets
 from harness.backends.base import Availability, BackendOptions
 from harness.checks.cases import load_cases
-from harness.cli.sweep import add_parser, run, throughput_section
+from harness.cli.sweep import add_parser, run
 from harness.core.errors import PortFailure
 from harness.perf import sweep
 from harness.perf.bench_import import import_text
+from harness.perf.sections import throughput_section
 from harness.perf.sweep import COLUMNS, estimate_point_s, run_sweep, save_sweep, throughput_frame
+from harness.report.page import render_section
 from tests.test_bench_import import BATCHED_BENCH
 
 # ---------------------------------------------------------------------------------------------
@@ -62,8 +64,10 @@ class FakeBackend:
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> type[FakeModel]:
-    monkeypatch.setitem(targets.BACKENDS, "fake", f"{__name__}:FakeBackend")
-    monkeypatch.setitem(targets.DEFAULT_DTYPE, "fake", "float32")
+    for family in ("ling26", "ling3"):  # one module (this one) plus one registry entry
+        monkeypatch.setitem(registry.REGISTRY, ("fake", family), registry.Implementation(
+            "fake", family, "a scriptable test backend", f"{__name__}:FakeBackend",
+            "harness.backends.options:NoOptions", registry.Capabilities(captures=False)))
     monkeypatch.setattr(sweep, "materialize", lambda case: tmp_path)  # the fake reads nothing
     monkeypatch.setattr(FakeModel, "captures", [])
     monkeypatch.setattr(FakeModel, "prefill_s_per_token_sq", 0.0)
@@ -203,7 +207,7 @@ def test_the_report_section_charts_both_phases_with_the_roofline(fake) -> None:
     df = pd.concat([ours, theirs], ignore_index=True)
     df.loc[2, "skip_reason"] = "failed: <script>alert(1)</script>"
     section = throughput_section(df)
-    html = section.html
+    html = render_section(section)
     assert section.title == "Throughput"
     assert html.count('<div class="chart">') == 2 and html.count("<svg") == 2
     assert 'aria-label="decode tokens per second against context length"' in html

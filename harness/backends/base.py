@@ -18,9 +18,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-Captures = dict[str, np.ndarray]
-
-DTYPES = ("float64", "float32", "bfloat16")
+from harness.core.capture_points import UnknownCapturePoint, parse
+from harness.core.captures import DTYPES as DTYPES  # re-exported: the protocol's vocabulary
+from harness.core.captures import Captures as Captures
+from harness.core.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,12 @@ class BackendOptions:
 
     dtype: str = "float32"
     device: str = "cpu"
-    # Backend-specific knobs (e.g. a user's MLX port module, a GLA chunk size).
+    # Backend-specific knobs as the user wrote them (e.g. a user's MLX port module, a GLA chunk
+    # size): what labels show.
     extra: dict[str, str] = field(default_factory=dict)
+    # The same knobs parsed once into the backend's options dataclass
+    # (harness.backends.registry); None for a caller that built only ``extra``.
+    settings: Any = field(default=None, compare=False)
 
     def label(self) -> str:
         """A short, stable description for result tables, e.g. ``float32,chunk=64``."""
@@ -129,9 +134,6 @@ class Recorder:
 def wanted_points(capture: Collection[str]) -> frozenset[str]:
     """The canonical points a session records: ``result_output`` always, plus ``capture`` after
     checking every name against the vocabulary (an unknown name is an InputError)."""
-    from harness.core.capture_points import UnknownCapturePoint, parse
-    from harness.core.errors import InputError
-
     wanted = {"result_output"}
     for name in capture:
         try:

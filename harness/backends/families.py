@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Callable
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.core.errors import InputError
+from harness.core.lazy import resolve
 
 
 @dataclass(frozen=True)
@@ -31,21 +32,16 @@ class Family:
     write_checkpoint: str  # (config_json dict, seed, out_dir) -> None
 
     def validate_config(self, raw: dict[str, Any], path: Path) -> Any:
-        return _resolve(self.validate)(raw, path)
+        return resolve(self.validate)(raw, path)
 
     def write(self, config_json: dict[str, Any], seed: int, out_dir: Path) -> None:
-        _resolve(self.write_checkpoint)(config_json, seed, out_dir)
+        resolve(self.write_checkpoint)(config_json, seed, out_dir)
 
     def writer_fingerprint(self) -> str:
         """A hash of the synthetic writer's source, so editing it invalidates cached checkpoints."""
         module = importlib.import_module(self.write_checkpoint.split(":")[0])
         source = Path(module.__file__).read_bytes() if module.__file__ else b""
         return hashlib.sha256(source).hexdigest()[:16]
-
-
-def _resolve(spec: str) -> Callable[..., Any]:
-    module, func = spec.split(":")
-    return getattr(importlib.import_module(module), func)
 
 
 FAMILIES: dict[str, Family] = {
@@ -84,6 +80,22 @@ def family_of(config: dict[str, Any], path: Path | str = "config.json") -> Famil
             return fam
     known = ", ".join(f"{f.architecture} ({f.name})" for f in FAMILIES.values())
     raise InputError(f"{path}: 'architectures' is {archs!r}; the harness knows {known}")
+
+
+def checkpoint_family(checkpoint_dir: Path) -> str | None:
+    """The family a checkpoint directory's ``config.json`` names: the one place a checkpoint's
+    family is read (backends dispatch on it through :mod:`harness.backends.registry`).
+
+    None when config.json cannot be read: the family's own loader then names the problem.
+    """
+    path = Path(checkpoint_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    return family_of(raw, path).name
 
 
 def load_checkpoint_config(checkpoint_dir: Path) -> tuple[Family, Any]:

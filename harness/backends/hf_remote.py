@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from harness.backends.base import Availability, BackendOptions, Captures, wanted_points
+from harness.backends.options import NoOptions, parse_options
 from harness.core.errors import ArchitectureNotSupported, InputError
 
 LABEL = "hf_remote"
@@ -77,8 +78,8 @@ class HfRemoteBackend:
         if options.dtype not in DTYPES:
             raise InputError(f"{LABEL}: unknown dtype {options.dtype!r}; known: "
                              f"{', '.join(DTYPES)}")
-        if options.extra:
-            raise InputError(f"{LABEL}: unknown option(s) {sorted(options.extra)}")
+        if not isinstance(options.settings, NoOptions):
+            parse_options(NoOptions, options.extra, LABEL)  # it has no knobs: any is refused
         from harness.backends.hf_remote_env import remote_env
 
         return RemoteModel(checkpoint, modeling, options.dtype, remote_env(checkpoint))

@@ -82,7 +82,7 @@ def remote_env(checkpoint: Path, root: Path | None = None,
 
 
 def overlay_dir(version: str, root: Path | None = None) -> Path:
-    from harness.checks.cases import cache_root
+    from harness.core.cache import root as cache_root
 
     return (root or cache_root()) / "hf-remote" / f"transformers-{version}"
 

@@ -12,6 +12,10 @@ weights).  ``extra`` options (each one changes numbers or what runs, so each is 
 label when given):
 
 - ``outtype``: f32|f16|bf16|q8_0, overrides the dtype's outtype;
+- ``quant``: a llama.cpp quantization type (Q8_0, Q4_K_M, Q5_K_M, IQ4_NL, Q4_0 ...): the f32
+  conversion is quantized by llama.cpp's own quantizer (:mod:`harness.quant.gguf_quantize`,
+  cached) with the build that runs the candidate; the label is ``llamacpp-<TYPE>``.  It excludes
+  ``gguf=`` and a non-f32 ``outtype=`` / dtype (there is one f32 source to quantize);
 - ``type_k`` / ``type_v``: KV cache type f32|f16|bf16|q8_0 (default f32: the f16 cache alone
   costs ~1e-4 relative error); ``type_v`` defaults to ``type_k``, since llama.cpp refuses
   different K and V types on an MLA model (both families), which is an input error here;
@@ -25,7 +29,10 @@ label when given):
 - ``gguf``: a GGUF to run instead of converting (still inventoried against the checkpoint); one
   of another architecture, other shape-defining hyperparameters or element counts, or other
   weights (its ``bailing_parity.fingerprint``, else a few dequantized norms) is an input error;
-- ``timeout``: seconds one feed may take before the worker counts as hung (default 300).
+- ``timeout``: seconds one feed may take before the worker counts as hung (default 300);
+- ``mtp_chain`` / ``mtp_rollback`` / ``mtp_rs_seq``: the MTP driver's (:mod:`harness.llamacpp.mtp`).
+
+All of them are :class:`LlamaCppOptions`, parsed once from the target's strings.
 """
 
 from __future__ import annotations
@@ -36,24 +43,24 @@ import weakref
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from harness.backends.base import Availability, BackendOptions, Captures
+from harness.backends.options import parse_options as parse_typed
 from harness.core.errors import ArchitectureNotSupported, InputError, PortFailure
 from harness.llamacpp.convert import OUTTYPES
 
 DTYPE_OUTTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 KV_TYPES = ("f32", "f16", "bf16", "q8_0")
-EXTRA_KEYS = (
-    "outtype", "type_k", "type_v", "flash_attn", "n_ctx", "n_batch", "n_ubatch", "n_threads",
-    "tree", "site", "lib_path", "gguf", "timeout",
-)
 DEFAULT_N_CTX = 4096
 _UNKNOWN_ARCH = "unknown model architecture"
 
-__all__ = ["ArchitectureNotSupported", "LlamaCppBackend", "LlamaCppModel", "model_findings"]
+__all__ = [
+    "ArchitectureNotSupported", "LlamaCppBackend", "LlamaCppModel", "candidate_gguf",
+    "model_findings",
+]
 
 
 @dataclass(frozen=True)
@@ -67,39 +74,76 @@ class Settings:
     lib_path: Path | None = None
     gguf: Path | None = None
     timeout: float = 300.0
+    quant: str | None = None  # llama.cpp's type name (upper case), applied to the f32 conversion
 
 
-def _flag(key: str, value: str) -> bool:
-    v = str(value).strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise InputError(f"llamacpp: option {key}={value!r} must be 0/1")
+@dataclass(frozen=True)
+class LlamaCppOptions:
+    """The llama.cpp candidate's knobs as typed values (None: the default the module doc gives)."""
+
+    outtype: Literal[OUTTYPES] | None = None  # type: ignore[valid-type]
+    type_k: Literal[KV_TYPES] | None = None  # type: ignore[valid-type]
+    type_v: Literal[KV_TYPES] | None = None  # type: ignore[valid-type]
+    flash_attn: bool = False
+    n_ctx: int | None = None
+    n_batch: int | None = None
+    n_ubatch: int | None = None
+    n_threads: int | None = None
+    tree: Path | None = None
+    site: Path | None = None
+    lib_path: Path | None = None
+    gguf: Path | None = None
+    timeout: int | None = None
+    mtp_chain: Literal["nextn", "l_out"] = "nextn"
+    mtp_rollback: Literal["state", "seq_rm"] = "state"
+    mtp_rs_seq: int = 8  # rollback planes under mtp_rollback=seq_rm: a verification of chain <= 7
+    quant: str | None = None  # a llama.cpp quantization type, normalized to its upper-case name
+
+    def __post_init__(self) -> None:
+        for key in ("n_ctx", "n_batch", "n_ubatch", "n_threads", "timeout", "mtp_rs_seq"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"option {key}={value!r} must be a positive integer")
+        if self.quant is not None:
+            object.__setattr__(self, "quant", _quant_name(self.quant))
+            if self.gguf is not None:
+                raise ValueError(
+                    f"options quant={self.quant} and gguf={self.gguf} exclude each other: gguf= "
+                    "runs the given file as it is (quantize it beforehand, or drop gguf=)")
+            if self.outtype not in (None, "f32"):
+                raise ValueError(
+                    f"options quant={self.quant} and outtype={self.outtype} exclude each other: "
+                    "quant= quantizes the f32 conversion (drop outtype=)")
 
 
-def _positive(key: str, value: str) -> int:
+def _quant_name(qtype: str) -> str:
+    """llama.cpp's name for ``qtype``; ValueError (the options parser's InputError) if unknown."""
+    from harness.quant.gguf_quantize import normalize_qtype
+
     try:
-        n = int(str(value))
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise InputError(f"llamacpp: option {key}={value!r} must be a positive integer")
-    return n
+        return normalize_qtype(qtype)
+    except InputError as e:
+        raise ValueError(f"option quant={qtype!r}: {e}") from None
+
+
+def llamacpp_options(options: BackendOptions) -> LlamaCppOptions:
+    """The typed options a target parsed, or ``options.extra`` parsed now (direct callers)."""
+    if isinstance(options.settings, LlamaCppOptions):
+        return options.settings
+    return parse_typed(LlamaCppOptions, options.extra, "llamacpp")
 
 
 def parse_options(options: BackendOptions) -> Settings:
     """BackendOptions -> Settings; InputError names the bad option and what is allowed."""
     from harness.llamacpp.client import ContextParams
 
-    extra = dict(options.extra)
-    unknown = sorted(set(extra) - set(EXTRA_KEYS))
-    if unknown:
-        raise InputError(f"llamacpp: unknown option(s) {unknown}; known: {', '.join(EXTRA_KEYS)}")
-    if "outtype" in extra:
-        outtype = extra["outtype"]
-        if outtype not in OUTTYPES:
-            raise InputError(f"llamacpp: outtype={outtype!r}; known: {', '.join(OUTTYPES)}")
+    opts = llamacpp_options(options)
+    if opts.quant is not None and options.dtype != "float32":
+        raise InputError(
+            f"llamacpp: option quant={opts.quant} and dtype {options.dtype} exclude each other: "
+            "quant= quantizes the f32 conversion (use llamacpp:quant=... with dtype float32)")
+    if opts.outtype is not None:
+        outtype = opts.outtype
     elif options.dtype in DTYPE_OUTTYPE:
         outtype = DTYPE_OUTTYPE[options.dtype]
     else:
@@ -107,36 +151,32 @@ def parse_options(options: BackendOptions) -> Settings:
             f"llamacpp: no GGUF type for dtype {options.dtype!r} (llama.cpp has no float64 "
             f"weights); known: {', '.join(DTYPE_OUTTYPE)}"
         )
-    for key in ("type_k", "type_v"):
-        if extra.get(key, "f32") not in KV_TYPES:
-            raise InputError(f"llamacpp: {key}={extra[key]!r}; known: {', '.join(KV_TYPES)}")
-    n_ctx = _positive("n_ctx", extra["n_ctx"]) if "n_ctx" in extra else DEFAULT_N_CTX
-    n_batch = _positive("n_batch", extra["n_batch"]) if "n_batch" in extra else min(512, n_ctx)
-    n_ubatch = _positive("n_ubatch", extra["n_ubatch"]) if "n_ubatch" in extra else n_batch
+    n_ctx = opts.n_ctx or DEFAULT_N_CTX
+    n_batch = opts.n_batch or min(512, n_ctx)
+    n_ubatch = opts.n_ubatch or n_batch
+    type_k = opts.type_k or "f32"
     params = ContextParams(
         n_ctx=n_ctx,
         n_batch=n_batch,
         n_ubatch=min(n_ubatch, n_batch),
-        type_k=extra.get("type_k", "f32"),
+        type_k=type_k,
         # V follows K unless given: MLA models (every family here) need equal K and V types
-        type_v=extra.get("type_v", extra.get("type_k", "f32")),
-        n_threads=_positive("n_threads", extra["n_threads"]) if "n_threads" in extra else None,
-        flash_attn=_flag("flash_attn", extra["flash_attn"]) if "flash_attn" in extra else False,
+        type_v=opts.type_v or type_k,
+        n_threads=opts.n_threads,
+        flash_attn=opts.flash_attn,
     )
-    paths = {k: Path(extra[k]).expanduser() for k in ("tree", "site", "lib_path", "gguf")
-             if extra.get(k)}
-    if "gguf" in paths and not paths["gguf"].is_file():
-        raise InputError(f"llamacpp: gguf={paths['gguf']}: file not found")
+    if opts.gguf is not None and not opts.gguf.is_file():
+        raise InputError(f"llamacpp: gguf={opts.gguf}: file not found")
     lib_env = os.environ.get("LLAMA_CPP_LIB_PATH")
-    timeout = float(_positive("timeout", extra["timeout"])) if "timeout" in extra else 300.0
     return Settings(
         outtype=outtype,
         params=params,
-        tree=paths.get("tree"),
-        site=paths.get("site"),
-        lib_path=paths.get("lib_path") or (Path(lib_env) if lib_env else None),
-        gguf=paths.get("gguf"),
-        timeout=timeout,
+        tree=opts.tree,
+        site=opts.site,
+        lib_path=opts.lib_path or (Path(lib_env) if lib_env else None),
+        gguf=opts.gguf,
+        timeout=float(opts.timeout or 300),
+        quant=opts.quant,
     )
 
 
@@ -153,12 +193,68 @@ class PreparedGguf:
     config: dict[str, Any]  # the checkpoint's config.json
 
 
+def _read_config(checkpoint: Path) -> tuple[dict[str, Any], Any]:
+    """(config.json, family) of a checkpoint dir; InputError names an unreadable config."""
+    from harness.backends.families import family_of
+
+    cfg_path = checkpoint / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{cfg_path}: cannot read ({e})") from None
+    return config, family_of(config, cfg_path)
+
+
+def _built_gguf(checkpoint: Path, settings: Settings, family: Any) -> tuple[Path, list[str]]:
+    """The converted GGUF (cached), quantized by llama.cpp when ``quant`` is set (cached), with
+    the converter's findings; ArchitectureNotSupported when the converter lacks the family."""
+    from harness.llamacpp.convert import convert
+
+    conv = convert(checkpoint, settings.outtype, tree=settings.tree)
+    if not conv.supported:
+        raise ArchitectureNotSupported(
+            f"{conv.reason}; the checkpoint is {family.name} ({family.architecture})"
+        )
+    gguf = conv.require()
+    if settings.quant is not None:
+        from harness.quant.gguf_quantize import quantize
+
+        # the build that runs the candidate quantizes (site None: the installed llama_cpp)
+        gguf = quantize(gguf, settings.quant, site=settings.site)
+    return gguf, list(conv.findings)
+
+
+def candidate_gguf(target_or_options: Any, checkpoint_dir: Path) -> Path:
+    """The exact GGUF file a llama.cpp target runs on ``checkpoint_dir``: the f32 (or outtype)
+    conversion, its ``quant=`` quantization, or the user's ``gguf=`` file; built and cached as
+    needed, without loading the model (a dequantized reference reads the same file).
+
+    ``target_or_options``: a :class:`~harness.backends.targets.Target` or
+    :class:`BackendOptions` of the llamacpp backend.
+    """
+    from harness.backends.targets import Target
+
+    if isinstance(target_or_options, Target):
+        if target_or_options.backend != "llamacpp":
+            raise InputError(f"{target_or_options.label}: not a llama.cpp target, it runs no GGUF")
+        options = target_or_options.options()
+    elif isinstance(target_or_options, BackendOptions):
+        options = target_or_options
+    else:
+        raise TypeError(f"expected a Target or BackendOptions, got {type(target_or_options)}")
+    settings = parse_options(options)
+    if settings.gguf is not None:
+        return settings.gguf.resolve()
+    checkpoint = Path(checkpoint_dir).expanduser().resolve()
+    _, family = _read_config(checkpoint)
+    return _built_gguf(checkpoint, settings, family)[0]
+
+
 def prepare_gguf(checkpoint_dir: Path, settings: Settings) -> PreparedGguf:
     """ABI-check a foreign library first (before any work), read config.json, convert (cached)
-    unless the user gave a GGUF, and inventory the GGUF against the checkpoint."""
-    from harness.backends.families import family_of
+    and quantize (``quant``, cached) unless the user gave a GGUF, and inventory the GGUF against
+    the checkpoint."""
     from harness.llamacpp import abi, identity
-    from harness.llamacpp.convert import convert
     from harness.llamacpp.inventory import inventory, read_gguf, render
     from harness.llamacpp.tensor_maps import PORT_MAPS
 
@@ -167,12 +263,7 @@ def prepare_gguf(checkpoint_dir: Path, settings: Settings) -> PreparedGguf:
     if settings.lib_path is not None:
         abi.check_library(settings.lib_path, site=settings.site)
         env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(settings.lib_path.resolve()))
-    cfg_path = checkpoint / "config.json"
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{cfg_path}: cannot read ({e})") from None
-    family = family_of(config, cfg_path)
+    config, family = _read_config(checkpoint)
     findings: list[str] = []
     if settings.gguf is not None:
         gguf = settings.gguf.resolve()
@@ -180,13 +271,8 @@ def prepare_gguf(checkpoint_dir: Path, settings: Settings) -> PreparedGguf:
         meta, _ = read_gguf(gguf)
         identity.check_architecture(gguf, str(meta.get("general.architecture", "")), family)
     else:
-        conv = convert(checkpoint, settings.outtype, tree=settings.tree)
-        findings += conv.findings
-        if not conv.supported:
-            raise ArchitectureNotSupported(
-                f"{conv.reason}; the checkpoint is {family.name} ({family.architecture})"
-            )
-        gguf = conv.require()
+        gguf, conv_findings = _built_gguf(checkpoint, settings, family)
+        findings += conv_findings
         meta, _ = read_gguf(gguf)
     _check_kv_types(settings, meta)
     inv = inventory(gguf, checkpoint)
@@ -216,7 +302,7 @@ class LlamaCppBackend:
 
     def availability(self) -> Availability:
         """llama_cpp and gguf importable (nothing native is loaded here)."""
-        from harness.llamacpp.testing import missing_llamacpp
+        from harness.llamacpp.build import missing_llamacpp
 
         reason = missing_llamacpp()
         return Availability(False, reason) if reason else Availability(True)
@@ -268,13 +354,13 @@ class LlamaCppModel:
     _generation: int = 0
 
     def __post_init__(self) -> None:
-        from harness.llamacpp import names
+        from harness.llamacpp.known_ports import port_for_arch
 
         n_layer, nextn = int(self.info["n_layer"]), int(self.info.get("n_layer_nextn") or 0)
         # llama_model_n_layer counts the trunk; guard against a build that counts MTP blocks too
         self.n_layers = n_layer - nextn if n_layer > nextn and self._counts_mtp() else n_layer
         try:
-            self.port = names.port_for_arch(self.arch or str(self.info.get("arch", "")))
+            self.port = port_for_arch(self.arch or str(self.info.get("arch", "")))
         except KeyError:
             self.port = None
             self.findings.append(
@@ -292,6 +378,7 @@ class LlamaCppModel:
     def describe(self) -> dict[str, Any]:
         """What ran: GGUF, outtype and every context parameter (for reports)."""
         return {"gguf": str(self.gguf), "outtype": self.settings.outtype,
+                **({"quant": self.settings.quant} if self.settings.quant else {}),
                 **self.settings.params.record(), "n_threads_used": self.info.get("n_threads")}
 
     def start(self, capture: Collection[str] = ()) -> LlamaCppSession:

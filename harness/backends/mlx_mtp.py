@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 
 from harness.backends.base import BackendOptions
-from harness.backends.mlx_backend import MlxBackend, MlxLoadedModel
+from harness.backends.mlx_backend import MlxBackend
 from harness.backends.mlx_ling3 import MlxLing3LoadedModel
-from harness.core.errors import InputError, PortFailure
+from harness.backends.mlx_model import MlxLoadedModel
+from harness.core.errors import InputError, PortFailure, port_boundary
 
 _HEAD_OWN = ("enorm.", "hnorm.", "eh_proj.", "final_layernorm.")
 
@@ -100,10 +101,8 @@ def _build_head(loaded: MlxLoadedModel, checkpoint_dir: Path) -> Any:
             self.block = layer_class(args, n)
 
     block = f"{layout.layer_class}(args, {n})"
-    try:
+    with port_boundary(f"{loaded.module}:", f"{block} failed"):
         head = MtpHead()
-    except Exception as e:
-        raise PortFailure(f"{loaded.module}: {block} failed: {type(e).__name__}: {e}") from e
     if not layout.is_mla(head.block):
         raise PortFailure(f"{loaded.module}: {block} is not MLA")
     weights = _head_weights(loaded, checkpoint_dir, n)
@@ -124,12 +123,8 @@ def _head_weights(loaded: MlxLoadedModel, checkpoint_dir: Path, n: int) -> list[
     if missing:
         raise InputError(f"{checkpoint_dir}: missing MTP tensor(s) {', '.join(missing)}")
     proxy = f"model.layers.{n - 1}."
-    try:
+    with port_boundary(f"{loaded.module}:", "sanitize failed on the MTP tensors"):
         sanitized = loaded.model.sanitize({proxy + k: v for k, v in weights.items()})
-    except Exception as e:
-        raise PortFailure(
-            f"{loaded.module}: sanitize failed on the MTP tensors: {type(e).__name__}: {e}"
-        ) from e
     items = []
     for key, value in sanitized.items():
         rest = key.removeprefix(proxy)

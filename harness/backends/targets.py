@@ -1,32 +1,58 @@
-"""A backend configured for a run ("mlx-float32", "torch-float64"), and the registry of backends."""
+"""A backend configured for a run ("mlx-float32", "torch-float64"): name, dtype, typed options.
+
+Which backends exist, per family, and what each can do is :mod:`harness.backends.registry`.
+"""
 
 from __future__ import annotations
 
-import importlib
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from harness.backends.base import DTYPES, Backend, BackendOptions
+from harness.backends.registry import (
+    Implementation,
+    backend_names,
+    default_dtype,
+    implementation,
+    options_class,
+)
+from harness.backends.registry import get_backend as _get_backend
 from harness.core.errors import InputError
 
-# name -> "module:Class"; imported lazily so a missing optional package only skips its backend.
-BACKENDS: dict[str, str] = {
-    "torch": "harness.backends.torch_backend:TorchBackend",
-    "mlx": "harness.backends.mlx_backend:MlxBackend",
-    "llamacpp": "harness.backends.llamacpp_backend:LlamaCppBackend",
-    # the checkpoint's own modeling code (auto_map) under trust_remote_code, in a child process
-    "hf_remote": "harness.backends.hf_remote:HfRemoteBackend",
-}
-DEFAULT_DTYPE = {"torch": "float32", "mlx": "float32", "llamacpp": "float32",
-                 "hf_remote": "float32"}
+# The backend names (derived from the registry, for --backends defaults and pytest markers).
+BACKENDS: tuple[str, ...] = backend_names()
 REFERENCE = "torch-float64"
+# GGUF file types that are plain floats: a ``gguf=`` file of one keeps today's label
+UNQUANTIZED = ("F32", "F16", "BF16")
+
+
+@functools.lru_cache(maxsize=64)
+def _file_type(path: str, size: int, mtime_ns: int) -> str | None:
+    from harness.core.errors import InputError
+    from harness.quant.gguf_quantize import gguf_file_type
+
+    try:
+        return gguf_file_type(path)
+    except (InputError, ImportError):
+        return None
+
+
+def gguf_type(path: Path) -> str | None:
+    """The GGUF's type as llama.cpp names it (read from its header once per file version);
+    None for a missing or unreadable file (loading it refuses it, with the reason)."""
+    try:
+        st = Path(path).expanduser().stat()
+    except OSError:
+        return None
+    return _file_type(str(Path(path).expanduser().resolve()), st.st_size, st.st_mtime_ns)
 
 
 def get_backend(name: str) -> Backend:
-    """Instantiate the named backend (raises InputError for an unknown name)."""
-    if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    """The named backend (raises InputError for an unknown name); it loads the implementation
+    for the checkpoint's family."""
+    return _get_backend(name)
 
 
 @dataclass(frozen=True)
@@ -36,6 +62,16 @@ class Target:
     backend: str
     dtype: str
     extra: tuple[tuple[str, str], ...] = field(default=())
+    # ``extra`` parsed into the backend's options dataclass when the target is built: an unknown
+    # key or a bad value is refused here, before anything is computed.
+    settings: Any = field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from harness.backends.options import parse_options
+
+        where = f"{self.backend}-{self.dtype}"
+        settings = parse_options(options_class(self.backend), dict(self.extra), where)
+        object.__setattr__(self, "settings", settings)
 
     @classmethod
     def parse(cls, spec: str, extra: dict[str, str] | None = None) -> Target:
@@ -49,23 +85,45 @@ class Target:
                 raise InputError(f"option {opt!r} in {spec!r}: expected key=value")
             extra[key.strip()] = value.strip()
         name, _, dtype = spec.strip().partition("-")
-        if name not in BACKENDS:
-            raise InputError(f"unknown backend {name!r} in {spec!r}; known: {', '.join(BACKENDS)}")
-        dtype = dtype or DEFAULT_DTYPE[name]
+        known = backend_names()
+        if name not in known:
+            raise InputError(f"unknown backend {name!r} in {spec!r}; known: {', '.join(known)}")
+        dtype = dtype or default_dtype(name)
         if dtype not in DTYPES:
             raise InputError(f"unknown dtype {dtype!r} in {spec!r}; known: {', '.join(DTYPES)}")
         return cls(name, dtype, tuple(sorted((extra or {}).items())))
 
     @property
     def label(self) -> str:
-        extra = "".join(f",{k}={v}" for k, v in self.extra if k != "model_module")
+        """What ran, for reports and the gate's baseline (keyed by it): ``backend-dtype`` and
+        the options as given, except that a quantized llama.cpp candidate is named by its real
+        type (``llamacpp-Q4_K_M``; ``llamacpp-Q4_K_M,gguf=<file name>`` for a given quantized
+        file) and a reference on a GGUF's weights by theirs (``,dequantized=<TYPE>``)."""
+        head = f"{self.backend}-{self.dtype}"
+        items = [(k, v) for k, v in self.extra if k != "model_module"]
+        quant = getattr(self.settings, "quant", None)
+        gguf = getattr(self.settings, "gguf", None)
+        weights = getattr(self.settings, "weights_gguf", None)
+        if quant is not None:
+            head = f"{self.backend}-{quant}"
+            items = [(k, v) for k, v in items if k != "quant"]
+        elif isinstance(gguf, Path) and (kind := gguf_type(gguf)) not in (None, *UNQUANTIZED):
+            head = f"{self.backend}-{kind}"
+            items = [(k, gguf.name if k == "gguf" else v) for k, v in items]
+        if isinstance(weights, Path) and (kind := gguf_type(weights)) is not None:
+            items = [("dequantized", kind) if k == "weights_gguf" else (k, v) for k, v in items]
+        extra = "".join(f",{k}={v}" for k, v in items)
         module = dict(self.extra).get("model_module")
         if module:
             extra += f",module={module.rsplit('/', 1)[-1]}"
-        return f"{self.backend}-{self.dtype}{extra}"
+        return f"{head}{extra}"
 
     def options(self) -> BackendOptions:
-        return BackendOptions(dtype=self.dtype, extra=dict(self.extra))
+        return BackendOptions(dtype=self.dtype, extra=dict(self.extra), settings=self.settings)
+
+    def implementation(self, family: str) -> Implementation:
+        """What this target runs on ``family`` (InputError when the backend has none)."""
+        return implementation(self.backend, family)
 
 
 def parse_targets(spec: str, extra: dict[str, dict[str, str]] | None = None) -> list[Target]:

@@ -1,24 +1,59 @@
 """The PyTorch reference (:mod:`references.model`) behind the common Backend protocol.
 
 ``torch-float64`` is the harness's reference; other dtypes, the alternative GLA/MLA forms and the
-named mutations (``variant=<name>``) make it a candidate too.  Recognised ``extra`` options:
-``gla_impl`` (chunked|recurrent), ``chunk_size`` (int), ``mla_impl`` (naive|absorbed),
-``slope_formula`` (corrected|hf_off_by_one), ``variant`` (a name from
-:func:`references.variant.mutations`) and ``load`` (auto|memory|streamed: how the weights are held,
-:func:`references.weights.choose_load`; streamed reads each weight from the files when a forward
-needs it, so memory does not grow with layers or experts).
+named mutations (``variant=<name>``) make it a candidate too.  Its options are
+:class:`TorchOptions`.  Ling-2.6 only: Ling 3.0 has no hand-written reference and runs on the
+``transformers`` backend (:mod:`harness.backends.registry`).
+
+``weights_gguf=<file>`` builds the reference on the weights a quantized llama.cpp candidate runs
+(:class:`harness.quant.gguf_weights.GgufWeights`: the GGUF dequantized exactly, under the
+checkpoint's names) instead of the safetensors, so the port's own error is told from the error
+its weights carry; labelled ``torch-float64,dequantized=<TYPE>``.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
 from harness.backends.base import DTYPES, Availability, BackendOptions, LoadedModel
+from harness.backends.options import parse_options
 from harness.core.errors import InputError
 from harness.core.progress import LayerProgress
 
-EXTRA_KEYS = ("gla_impl", "chunk_size", "mla_impl", "slope_formula", "variant", "load")
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """The reference's knobs (None: the reference's own default)."""
+
+    gla_impl: Literal["chunked", "recurrent"] | None = None
+    chunk_size: int | None = None
+    mla_impl: Literal["naive", "absorbed"] | None = None
+    # the GLA decay convention (references.variant.SLOPE_CONVENTIONS)
+    slope_formula: Literal["corrected", "hf_off_by_one"] | None = None
+    variant: str | None = None  # a name from references.variant.mutations()
+    # how weights are held: streamed reads each weight when a forward needs it
+    load: Literal["auto", "memory", "streamed"] | None = None
+    # a GGUF whose dequantized weights replace the safetensors (always streamed from the file)
+    weights_gguf: Path | None = None
+
+    def refuse_family(self, family: str) -> None:
+        """Called when ``torch`` is handed to another family's implementation (an alias): what
+        only our Ling-2.6 reference can do is refused there, saying why."""
+        if self.weights_gguf is not None and family != "ling26":
+            raise InputError(
+                f"torch: option weights_gguf={self.weights_gguf} needs our Ling-2.6 reference; "
+                f"on a {family} checkpoint the reference is transformers' model, which cannot "
+                "read GGUF weights (not supported yet)")
+
+
+def torch_options(options: BackendOptions) -> TorchOptions:
+    """The typed options a target parsed, or ``options.extra`` parsed now (direct callers)."""
+    if isinstance(options.settings, TorchOptions):
+        return options.settings
+    return parse_options(TorchOptions, options.extra, "torch")
 
 
 class TorchBackend:
@@ -34,19 +69,45 @@ class TorchBackend:
         return Availability(True)
 
     def load(self, checkpoint_dir: Path, options: BackendOptions) -> LoadedModel:
-        from harness.backends.transformers_ling3 import checkpoint_family, load_ling3
-
-        if checkpoint_family(Path(checkpoint_dir)) == "ling3":  # Ling 3.0: transformers' model
-            return load_ling3(Path(checkpoint_dir), options)
-        from references.model import BailingHybridReference
-
-        model = BailingHybridReference.from_checkpoint(
-            Path(checkpoint_dir), reference_options(options)
-        )
+        model = build_reference(Path(checkpoint_dir), options)
         if model.streamed:  # a real checkpoint's forward reads it all: minutes, so show it
             model.layer_done = LayerProgress(
                 f"{checkpoint_dir} forward ({options.dtype}, streamed)")
         return model
+
+
+def load_mtp(checkpoint_dir: Path, options: BackendOptions, label: str) -> Any:
+    """Our reference with its MTP head (references.mtp_session): an MtpModel."""
+    from references.mtp_session import ReferenceMtpModel
+
+    return ReferenceMtpModel(build_reference(Path(checkpoint_dir), options), label)
+
+
+def build_reference(checkpoint_dir: Path, options: BackendOptions) -> Any:
+    """The reference on the checkpoint's safetensors, or on ``weights_gguf``'s dequantized
+    weights (checked against the checkpoint's config.json before anything is computed)."""
+    from references.model import BailingHybridReference
+
+    ref_options = reference_options(options)
+    gguf = torch_options(options).weights_gguf
+    if gguf is None:
+        return BailingHybridReference.from_checkpoint(checkpoint_dir, ref_options)
+    from harness.quant.gguf_quantize import gguf_file_type
+    from harness.quant.gguf_weights import GgufWeights
+    from references.config import load_config
+
+    if not gguf.is_file():
+        raise InputError(f"torch: weights_gguf={gguf}: file not found")
+    cfg_path = checkpoint_dir / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{cfg_path}: cannot read ({e})") from None
+    cfg = load_config(checkpoint_dir)  # validates the config as from_checkpoint does
+    model = BailingHybridReference(cfg, GgufWeights(gguf, config), ref_options)
+    model.findings = [f"reference weights dequantized from {gguf} ({gguf_file_type(gguf)}), "
+                      "not read from the checkpoint's safetensors"]
+    return model
 
 
 def reference_options(options: BackendOptions):
@@ -56,34 +117,22 @@ def reference_options(options: BackendOptions):
 
     if options.dtype not in DTYPES:
         raise InputError(f"torch: unknown dtype {options.dtype!r}; known: {', '.join(DTYPES)}")
-    extra = dict(options.extra)
-    unknown = sorted(set(extra) - set(EXTRA_KEYS))
-    if unknown:
-        raise InputError(f"torch: unknown option(s) {unknown}; known: {', '.join(EXTRA_KEYS)}")
+    opts = torch_options(options)
     variant = Variant()
-    if "variant" in extra:
+    if opts.variant is not None:
         named = mutations()
-        if extra["variant"] not in named:
+        if opts.variant not in named:
             raise InputError(
-                f"torch: unknown variant {extra['variant']!r}; known: {', '.join(sorted(named))}"
+                f"torch: unknown variant {opts.variant!r}; known: {', '.join(sorted(named))}"
             )
-        variant = named[extra["variant"]]
+        variant = named[opts.variant]
+    if opts.slope_formula is not None:
+        variant = replace(variant, slope_formula=opts.slope_formula)
     kwargs: dict[str, object] = {"dtype": options.dtype, "device": options.device}
+    for key in ("chunk_size", "gla_impl", "mla_impl", "load"):
+        if getattr(opts, key) is not None:
+            kwargs[key] = getattr(opts, key)
     try:
-        if "slope_formula" in extra:
-            variant = replace(variant, slope_formula=extra["slope_formula"])
-        if "chunk_size" in extra:
-            kwargs["chunk_size"] = _int(extra["chunk_size"])
-        for key in ("gla_impl", "mla_impl", "load"):
-            if key in extra:
-                kwargs[key] = extra[key]
         return ReferenceOptions(variant=variant, **kwargs)  # type: ignore[arg-type]
     except ValueError as e:
         raise InputError(f"torch: {e}") from None
-
-
-def _int(value: object) -> int:
-    try:
-        return int(str(value))
-    except ValueError:
-        raise ValueError(f"chunk_size must be an integer, got {value!r}") from None

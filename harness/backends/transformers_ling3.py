@@ -1,7 +1,8 @@
 """Ling 3.0's reference: transformers' ``BailingHybridForCausalLM`` behind the Backend protocol.
 
-There is no hand-written Ling 3.0 reference; ``torch-float64`` for a Ling 3.0 checkpoint is
-transformers' own model loaded in float64 (``TorchBackend.load`` dispatches here by family).
+There is no hand-written Ling 3.0 reference; the ``transformers`` backend runs transformers' own
+model, and ``torch-float64`` on a Ling 3.0 checkpoint is an alias of ``transformers-float64``
+(:mod:`harness.backends.registry`), kept so the stored labels stay.
 Activations are captured with forward hooks on transformers' modules, mapped onto the canonical
 names; sessions decode through transformers' own ``DynamicCache`` (MLA latent KV, KDA conv and
 recurrent state), so a prefill followed by one-token feeds is what ``generate`` runs.
@@ -11,57 +12,89 @@ Caveat, measured and reported rather than hidden: transformers computes RMSNorm,
 model is loaded in float64 (explicit ``.to(torch.float32)`` casts and
 ``_keep_in_fp32_modules_strict``), so this "float64" reference is float32-accurate in those places.
 
-Recognised ``extra`` options: ``attn_implementation`` (sdpa|eager; default sdpa, whose float64
-softmax stays float64 where eager's is float32) and ``experts_implementation`` (eager|grouped_mm;
-default eager for float64, because grouped_mm rejects float64 at run time, transformers' own choice
-otherwise).
+Options: :class:`TransformersOptions`.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import json
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from harness.backends.base import DTYPES, BackendOptions, Captures, Recorder, wanted_points
-from harness.backends.families import family_of
+from harness.backends.base import (
+    DTYPES,
+    Availability,
+    BackendOptions,
+    Captures,
+    Recorder,
+    wanted_points,
+)
+from harness.backends.options import parse_options
 from harness.core.capture_points import layer_point
 from harness.core.errors import InputError
 
-EXTRA_KEYS = ("attn_implementation", "experts_implementation")
+WHERE = "transformers (Ling 3.0)"
 
 
-def checkpoint_family(checkpoint_dir: Path) -> str | None:
-    """The family named by ``config.json``'s architectures; None when it cannot be read.
+@dataclass(frozen=True)
+class TransformersOptions:
+    """transformers' knobs, plus the MTP mutation our head on its trunk may run."""
 
-    An unreadable config is left to the family's own loader, whose message names the problem.
-    """
-    path = Path(checkpoint_dir) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(raw, dict):
-        return None
-    return family_of(raw, path).name
+    # sdpa (default): its float64 softmax stays float64 where eager's is float32
+    attn_implementation: Literal["sdpa", "eager"] | None = None
+    # default eager for float64 (grouped_mm rejects float64 at run time), transformers' otherwise
+    experts_implementation: Literal["eager", "grouped_mm"] | None = None
+    variant: str | None = None  # MTP runs only: one of the mtp_* mutations (references.ling3.mtp)
+
+
+def transformers_options(options: BackendOptions) -> TransformersOptions:
+    """The typed options a target parsed, or ``options.extra`` parsed now (direct callers)."""
+    if isinstance(options.settings, TransformersOptions):
+        return options.settings
+    return parse_options(TransformersOptions, options.extra, WHERE)
+
+
+class TransformersBackend:
+    """transformers' ``BailingHybridForCausalLM``: Ling 3.0's reference and a candidate."""
+
+    name = "transformers"
+
+    def availability(self) -> Availability:
+        try:
+            import torch  # noqa: F401
+            from transformers import BailingHybridForCausalLM  # noqa: F401
+        except ImportError as e:
+            return Availability(False, f"transformers' BailingHybridForCausalLM is not "
+                                       f"importable ({e}); pip install 'transformers>=5.23'")
+        return Availability(True)
+
+    def load(self, checkpoint_dir: Path, options: BackendOptions) -> TransformersLing3Model:
+        return load_ling3(checkpoint_dir, options)
+
+
+def load_mtp(checkpoint_dir: Path, options: BackendOptions, label: str) -> Any:
+    """transformers' trunk with our MTP head (references.ling3.mtp), which reads ``variant``
+    from the option strings itself."""
+    from references.ling3.mtp import load_ling3_mtp
+
+    return load_ling3_mtp(Path(checkpoint_dir), replace(options, settings=None), label,
+                          load_trunk=load_ling3)
 
 
 def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLing3Model:
     """Load a (normalised) Ling 3.0 checkpoint into transformers in ``options.dtype``."""
     checkpoint_dir = Path(checkpoint_dir)
     if options.dtype not in DTYPES:
-        raise InputError(f"torch: unknown dtype {options.dtype!r}; known: {', '.join(DTYPES)}")
-    unknown = sorted(set(options.extra) - set(EXTRA_KEYS))
-    if unknown:
-        raise InputError(
-            f"torch (Ling 3.0 via transformers): unknown option(s) {unknown}; "
-            f"known: {', '.join(EXTRA_KEYS)}"
-        )
+        raise InputError(f"{WHERE}: unknown dtype {options.dtype!r}; known: {', '.join(DTYPES)}")
+    opts = transformers_options(options)
+    if opts.variant is not None:
+        raise InputError(f"{WHERE}: variant={opts.variant!r} applies to MTP runs only (the "
+                         "trunk is transformers' own, which has no mutations)")
     try:
         import torch
         from transformers import BailingHybridForCausalLM
@@ -77,13 +110,9 @@ def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLin
 
     weight_files(checkpoint_dir)  # a tensor in two files is refused before transformers picks one
     dtype = getattr(torch, options.dtype)
-    experts = options.extra.get(
-        "experts_implementation", "eager" if options.dtype == "float64" else None
-    )
-    kwargs: dict[str, Any] = {
-        "dtype": dtype,
-        "attn_implementation": options.extra.get("attn_implementation", "sdpa"),
-    }
+    experts = opts.experts_implementation or ("eager" if options.dtype == "float64" else None)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": opts.attn_implementation
+                              or "sdpa"}
     if experts is not None:
         kwargs["experts_implementation"] = experts
     try:

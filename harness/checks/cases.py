@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from harness.backends.families import family_named
-from harness.checks.compare import Tolerance
+from harness.core import atomic, cache
 from harness.core.errors import InputError
+from harness.core.tolerances import Tolerance
 
 CASES_DIR = Path(__file__).resolve().parents[2] / "cases"
 GENERATOR_VERSION = 1  # bump when a synthetic writer changes: invalidates the cache
@@ -173,32 +171,16 @@ def load_cases(names: list[str] | None = None, cases_dir: Path = CASES_DIR) -> l
     return [load_case(p) for p in found.values()]
 
 
-def cache_root() -> Path:
-    """Where materialised checkpoints live (``BAILING_PARITY_CACHE`` overrides)."""
-    env = os.environ.get("BAILING_PARITY_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "bailing-parity"
-
-
 def materialize(case: Case, root: Path | None = None) -> Path:
     """The case's checkpoint directory, written once (atomically), reused while its hash holds."""
-    root = root or cache_root()
+    root = root or cache.root()
     target = root / "checkpoints" / f"{case.name}-{case.content_hash()}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{case.name}-", dir=target.parent))
-    try:
-        write_checkpoint(case, tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race: theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic.locked(target.with_name(f".{target.name}.lock")):
+        if not (target / "config.json").is_file():  # else another process wrote it meanwhile
+            with atomic.staged_dir(target, replace=True) as tmp:
+                write_checkpoint(case, tmp)
     return target
 
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from harness.backends.base import Captures
 from harness.backends.targets import Target
 from harness.core.atomic import staged_dir, write_text
+from harness.core.captures import Captures
 from harness.core.errors import InputError
 
 FORMAT = "bailing-parity-golden/1"

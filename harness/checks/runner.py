@@ -18,19 +18,16 @@ import numpy as np
 
 from harness.backends.base import Captures, LoadedModel, forward, stepwise
 from harness.backends.targets import Target, get_backend
-from harness.checks.compare import PairResult, Tolerance, compare_pair
+from harness.checks.compare import PairResult
 from harness.core import capture_points, lifecycle
-from harness.core.errors import InputError, PortFailure, port_boundary
+from harness.core.errors import PortFailure, port_boundary
 from harness.core.verdict import RunVerdict
-
-MODES = ("prefill", "decode")
-# Checks run once per case and candidate rather than per prompt.
-CASE_MODES = ("mtp", "slopes")
 
 
 @dataclass
 class Runner:
-    """Memoising executor shared by the pytest plugin and the command line."""
+    """Memoising executor: models, captures and what came of them; every front end drives it
+    through :class:`harness.checks.session.CheckSession`, which extends it with the checks."""
 
     models: dict[tuple[Target, Path], LoadedModel] = field(default_factory=dict)
     runs: dict[tuple[Target, Path, str, str], Captures] = field(default_factory=dict)
@@ -122,33 +119,6 @@ class Runner:
                     caps = stepwise(model, tokens, n_prefill, names)
             self.runs[key] = check_captures(target.label, mode, caps, len(tokens))
         return self.runs[key]
-
-    def compare(
-        self,
-        *,
-        case: str,
-        prompt: str,
-        checkpoint: Path,
-        tokens: Sequence[int],
-        candidate: Target,
-        reference: Target,
-        tolerance: Tolerance,
-        mode: str = "prefill",
-        n_decode: int = 8,
-    ) -> PairResult:
-        """Compare one candidate with the reference on one prompt; the result is also kept."""
-        if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
-        # The reference always runs a full forward: in float64 prefill and decode agree exactly
-        # (a reference test proves it), so one reference run serves both candidate modes.
-        ref = self.captures(reference, checkpoint, tokens, "prefill", n_decode)
-        cand = self.captures(candidate, checkpoint, tokens, mode, n_decode)
-        lifecycle.stage("comparing")
-        result = compare_pair(
-            case, prompt, candidate.label, reference.label, cand, ref, tolerance, mode=mode
-        )
-        self.results.append(result)
-        return result
 
 
 def check_captures(label: str, mode: str, caps: object, n_tokens: int) -> Captures:

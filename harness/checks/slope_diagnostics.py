@@ -23,16 +23,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from markupsafe import escape
 
 from harness.backends.base import LoadedModel, forward
-from harness.checks.compare import nmse
-from harness.report.page import Section
+from harness.core.metrics import nmse
 from references.gla import gla_chunked
 from references.model import BailingHybridReference, GLAWeights, ReferenceOptions
 from references.ops import layer_factor, log_decay, rms_norm, rope, slopes
@@ -355,76 +353,92 @@ def diagnose(
 
 
 # --------------------------------------------------------------------------------------------
-# Report
+# Report section (data; rendered by harness/report/templates/sections/slopes.html.j2)
 
 
-def _g(value: float, spec: str = ".3g") -> str:
-    return (
-        "–"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else format(value, spec)
+@dataclass(frozen=True)
+class SlopeBackendRow:
+    """One backend's verdicts: overall, per path (``exposed`` None: not exposed), agreement."""
+
+    backend: str
+    verdict: str
+    exposed: str | None
+    black_box: str
+    agree: bool | None
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SlopeLayerRow:
+    """One GLA layer as one path sees it: both formulas' factors, the fitted one, the errors."""
+
+    backend: str
+    layer: int
+    path: str  # "exposed" or "black box"
+    verdict: str
+    f_corrected: float
+    f_off_by_one: float
+    factor: float
+    err_corrected: float
+    err_off_by_one: float
+    err_fit: float
+    log_decay: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class GrowthRow:
+    """Logits NMSE against context length, one value per :attr:`SlopeSection.lengths`."""
+
+    label: str
+    nmse: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class SlopeSection:
+    """Verdict per backend, per-layer figures and the context-growth table."""
+
+    backends: tuple[SlopeBackendRow, ...]
+    layers: tuple[SlopeLayerRow, ...]
+    lengths: tuple[int, ...]
+    growth: tuple[GrowthRow, ...]
+    title: str = "GLA decay (slopes)"
+    template: ClassVar[str] = "slopes.html.j2"
+
+
+def _layer_row(v: SlopeVerdict, path: str, d: LayerDecay) -> SlopeLayerRow:
+    return SlopeLayerRow(
+        backend=v.backend, layer=d.layer, path=path, verdict=d.verdict,
+        f_corrected=layer_factor(d.layer, v.n_layers, "corrected"),
+        f_off_by_one=layer_factor(d.layer, v.n_layers, "hf_off_by_one"),
+        factor=d.factor, err_corrected=d.error["corrected"],
+        err_off_by_one=d.error["hf_off_by_one"], err_fit=d.error.get("fit", math.nan),
+        log_decay=tuple(float(x) for x in d.log_decay),
     )
-
-
-def _verdict_cell(v: str) -> str:
-    css = "verdict-pass" if v == "corrected" else "verdict-fail"
-    return f'<span class="{css}">{escape(v)}</span>'
 
 
 def slope_section(
     verdicts: Sequence[SlopeVerdict], formula_nmse: dict[int, float] | None = None
-) -> Section:
+) -> SlopeSection:
     """Verdict per backend, per-layer figures (expected and fitted factors, errors, fitted g),
     and the context-growth table."""
-    parts = [
-        '<p class="muted">GLA decay g_h(l) = −b_h·f(l); corrected f(l) = 1 − l/(L−1) + 1e−5, '
-        "HF-R's hf_off_by_one f′(l) = f(l) + 1/(L−1). <em>Exposed</em> reads the port's stored "
-        "decay; <em>black box</em> recomputes each GLA layer from the port's own attn_norm-N and "
-        "fits each head's decay to its gla_out-N.</p>",
-        '<table class="slopes"><tr><th>backend</th><th>verdict</th><th>exposed</th>'
-        "<th>black box</th><th>paths agree</th><th>notes</th></tr>",
-    ]
-    for v in verdicts:
-        exposed = _verdict_cell(_overall(v.exposed)) if v.exposed is not None else "not exposed"
-        agree = {None: "–", True: "yes", False: '<span class="verdict-fail">NO</span>'}[v.agree]
-        parts.append(
-            f"<tr><td>{escape(v.backend)}</td><td>{_verdict_cell(v.verdict)}</td><td>{exposed}</td>"
-            f"<td>{_verdict_cell(v.black_box_verdict)}</td><td>{agree}</td>"
-            f"<td>{escape('; '.join(v.notes))}</td></tr>"
-        )
-    parts.append("</table>")
-    n_rows = sum(len(v.exposed or []) + len(v.black_box) for v in verdicts)
-    parts.append(f"<details><summary>per layer and head ({n_rows} rows)</summary>")
-    parts.append(
-        '<table class="slope-layers"><tr><th>backend</th><th>layer</th><th>path</th>'
-        "<th>verdict</th><th>f (corrected)</th><th>f′ (off-by-one)</th><th>fitted f</th>"
-        "<th>err corrected</th><th>err off-by-one</th><th>err fit</th><th>g per head</th></tr>"
+    backends = tuple(
+        SlopeBackendRow(v.backend, v.verdict,
+                        _overall(v.exposed) if v.exposed is not None else None,
+                        v.black_box_verdict, v.agree, tuple(v.notes))
+        for v in verdicts
     )
-    for v in verdicts:
-        paths = [("exposed", v.exposed or []), ("black box", v.black_box)]
-        for path, layers in paths:
-            for d in layers:
-                g = ", ".join(f"{x:.5g}" for x in d.log_decay)
-                parts.append(
-                    f"<tr><td>{escape(v.backend)}</td><td>{d.layer}</td><td>{path}</td>"
-                    f"<td>{_verdict_cell(d.verdict)}</td>"
-                    f"<td>{layer_factor(d.layer, v.n_layers, 'corrected'):.5f}</td>"
-                    f"<td>{layer_factor(d.layer, v.n_layers, 'hf_off_by_one'):.5f}</td>"
-                    f"<td>{d.factor:.5f}</td><td>{_g(d.error['corrected'], '.2e')}</td>"
-                    f"<td>{_g(d.error['hf_off_by_one'], '.2e')}</td>"
-                    f"<td>{_g(d.error.get('fit', math.nan), '.2e')}</td><td>{g}</td></tr>"
-                )
-    parts.append("</table></details>")
-    lengths = sorted({t for v in verdicts for t in v.growth} | set(formula_nmse or {}))
-    if lengths:
-        head = "".join(f"<th>T = {t}</th>" for t in lengths)
-        parts.append(f'<table class="slope-growth"><tr><th>logits NMSE</th>{head}</tr>')
-        if formula_nmse:
-            cells = "".join(f"<td>{_g(formula_nmse.get(t, math.nan), '.2e')}</td>" for t in lengths)
-            parts.append(f"<tr><td>reference: off-by-one vs corrected</td>{cells}</tr>")
-        for v in verdicts:
-            if v.growth:
-                cells = "".join(f"<td>{_g(v.growth.get(t, math.nan), '.2e')}</td>" for t in lengths)
-                parts.append(f"<tr><td>{escape(v.backend)} vs corrected reference</td>{cells}</tr>")
-        parts.append("</table>")
-    return Section("GLA decay (slopes)", "".join(parts))
+    layers = tuple(
+        _layer_row(v, path, d)
+        for v in verdicts
+        for path, decays in (("exposed", v.exposed or []), ("black box", v.black_box))
+        for d in decays
+    )
+    lengths = tuple(sorted({t for v in verdicts for t in v.growth} | set(formula_nmse or {})))
+    growth = []
+    if lengths and formula_nmse:
+        growth.append(GrowthRow("reference: off-by-one vs corrected",
+                                tuple(formula_nmse.get(t, math.nan) for t in lengths)))
+    growth += [GrowthRow(f"{v.backend} vs corrected reference",
+                         tuple(v.growth.get(t, math.nan) for t in lengths))
+               for v in verdicts if lengths and v.growth]
+    return SlopeSection(backends, layers, lengths, tuple(growth))

@@ -7,13 +7,11 @@ import io
 from pathlib import Path
 
 import pandas as pd
-from markupsafe import escape
 from rich.console import Console
 from rich.table import Table
 
 from harness.checks.gate import GateRules, failures, gate, load_baseline, load_run, save_baseline
 from harness.core.errors import InputError
-from harness.report.page import Section
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -51,17 +49,6 @@ def regressions_text(found: pd.DataFrame, baseline: object) -> str:
         console.print(regressions_table(found))
         console.print(f"gate: FAIL against {baseline}")
     return "\n" + buf.getvalue()
-
-
-def gate_section(found: pd.DataFrame, baseline: object) -> Section:
-    """The gate's verdict as a report section."""
-    if found.empty:
-        body = f"<p class='verdict-pass'>PASS: no regression against {escape(str(baseline))}.</p>"
-    else:
-        body = (f"<p class='verdict-fail'>FAIL: {len(found)} regression(s) against "
-                f"{escape(str(baseline))}.</p>" + found.to_html(index=False, escape=True,
-                                                                 float_format="%.4g"))
-    return Section(title="Regression gate", html=body)
 
 
 def run(args: argparse.Namespace) -> int:

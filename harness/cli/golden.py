@@ -60,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
 
     from harness.backends.families import load_checkpoint_config
     from harness.checks.runner import Runner
-    from harness.cli.main import (
-        _convention,
+    from harness.cli.inputs import (
         check_prompt_limits,
+        checkpoint_convention,
         read_prompt,
         reference_target,
     )
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = read_prompt(args.prompt_tokens, cfg.vocab_size)
     check_prompt_limits(tokens, cfg, decode_steps=args.decode_steps, modes=("decode",),
                         beyond_max_positions=args.beyond_max_positions)
-    convention = _convention(args, cfg)
+    convention = checkpoint_convention(args, cfg)
     reference = reference_target(args.reference, args.reference_load)
     if convention is not None:
         reference = convention.target(reference)
@@ -121,7 +121,7 @@ def golden_inputs(args: argparse.Namespace, vocab_size: int) -> GoldenInputs:
     """The golden run's tokens, reference target and slope convention, after refusing every
     option that disagrees with it (before any model is loaded)."""
     from harness.checks.slope_convention import SlopeConvention
-    from harness.cli.main import read_prompt
+    from harness.cli.inputs import read_prompt
 
     golden = open_golden(args.golden)
     tokens = golden.tokens

@@ -113,7 +113,7 @@ def _available(target: Target, findings: list[str]) -> bool:
 
 def _write(title: str, name: str, findings: list[str], sections: list, out: Path | None,
            extra=None, verdict: RunVerdict | None = None) -> Path:
-    from harness.pytest_plugin.plugin import environment
+    from harness.report.environment import environment
     from harness.report.run_folder import write_run
 
     return write_run(
@@ -196,7 +196,7 @@ def _mtp_jobs(args: argparse.Namespace) -> list[tuple[Path, list[Any]]]:
 
     if args.checkpoint is not None:
         from harness.backends.families import load_checkpoint_config
-        from harness.cli.main import read_prompt
+        from harness.cli.inputs import read_prompt
 
         _, cfg = load_checkpoint_config(args.checkpoint)
         tokens = read_prompt(args.prompt_tokens, cfg.vocab_size)

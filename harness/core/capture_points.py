@@ -24,49 +24,201 @@ class Kind(StrEnum):
 
 @dataclass(frozen=True)
 class PointSpec:
-    """One kind of capture point: its stem, how it is compared and what it means."""
+    """One kind of capture point: its stem, how it is compared, what it means and what usually
+    breaks there (the advice the report and the CLI give at a first divergence)."""
 
     stem: str
     kind: Kind
     doc: str
+    advice: str  # what usually breaks when this point is the first divergence
 
 
 # Per-layer points, in forward order within a layer.
 LAYER_POINTS: tuple[PointSpec, ...] = (
-    PointSpec("attn_norm", Kind.DENSE, "input_layernorm output [T, hidden]"),
-    PointSpec("kv_cmpr", Kind.DENSE, "MLA: normalised KV latent c [T, kv_lora_rank]"),
-    PointSpec("gla_out", Kind.DENSE, "GLA: recurrence output before GroupRMSNorm [T, H*D]"),
-    PointSpec("g_gate", Kind.DENSE, "GLA: output-gate logits before the sigmoid [T, H*D]"),
-    PointSpec("attn_out", Kind.DENSE, "attention output after the dense projection [T, hidden]"),
-    PointSpec("ffn_inp", Kind.DENSE, "residual after attention [T, hidden]"),
-    PointSpec("ffn_norm", Kind.DENSE, "post_attention_layernorm output [T, hidden]"),
-    PointSpec("ffn_moe_logits", Kind.DENSE, "router logits before the sigmoid [T, E]"),
-    PointSpec("ffn_moe_topk", Kind.INDEX, "selected expert ids, sorted ascending [T, k]"),
-    PointSpec("ffn_moe_weights", Kind.DENSE, "final routing weights, aligned to sorted ids [T, k]"),
-    PointSpec("ffn_shexp", Kind.DENSE, "shared-expert output [T, hidden]"),
-    PointSpec("ffn_out", Kind.DENSE, "dense MLP or MoE (+ shared) output [T, hidden]"),
-    PointSpec("l_out", Kind.DENSE, "layer output, the residual stream [T, hidden]"),
+    PointSpec(
+        "attn_norm",
+        Kind.DENSE,
+        "input_layernorm output [T, hidden]",
+        "input_layernorm output differs: check RMSNorm (x/sqrt(mean(x²)+eps)·w computed in "
+        "fp32, eps = rms_norm_eps) and, at layer 0, the word embedding lookup",
+    ),
+    PointSpec(
+        "kv_cmpr",
+        Kind.DENSE,
+        "MLA: normalised KV latent c [T, kv_lora_rank]",
+        "MLA KV latent differs: check the kv_a_proj_with_mqa split ([c ; k_pe], c first) "
+        "and the kv_a_layernorm (eps 1e-6)",
+    ),
+    PointSpec(
+        "gla_out",
+        Kind.DENSE,
+        "GLA: recurrence output before GroupRMSNorm [T, H*D]",
+        "GLA recurrence output differs: check the decay slopes (layer factor l/(L-1) vs "
+        "(l-1)/(L-1)), the GLA rope mode (half-split, partial) and q/k norms",
+    ),
+    PointSpec(
+        "g_gate",
+        Kind.DENSE,
+        "GLA: output-gate logits before the sigmoid [T, H*D]",
+        "output-gate logits differ: the gate must be fed the input_layernorm output, not "
+        "the attention output",
+    ),
+    PointSpec(
+        "attn_out",
+        Kind.DENSE,
+        "attention output after the dense projection [T, hidden]",
+        "attention output differs: in an MLA layer check MLA rope (interleaved pairs), the "
+        "q/kv LoRA norms and the 192^-0.5 scale; in a GLA layer check GroupRMSNorm groups "
+        "(groups vs channels per group), the sigmoid gate and the dense projection",
+    ),
+    PointSpec(
+        "ffn_inp",
+        Kind.DENSE,
+        "residual after attention [T, hidden]",
+        "residual after attention differs although attention matched: check the residual "
+        "add (h = x + attn(x)) and its dtype",
+    ),
+    PointSpec(
+        "ffn_norm",
+        Kind.DENSE,
+        "post_attention_layernorm output [T, hidden]",
+        "post_attention_layernorm output differs: check its weight and eps",
+    ),
+    PointSpec(
+        "ffn_moe_logits",
+        Kind.DENSE,
+        "router logits before the sigmoid [T, E]",
+        "router logits differ: the router matmul (mlp.gate.weight) should run in fp32 on "
+        "the post_attention_layernorm output",
+    ),
+    PointSpec(
+        "ffn_moe_topk",
+        Kind.INDEX,
+        "selected expert ids, sorted ascending [T, k]",
+        "router selected different experts: check expert_bias (selection only), group limit "
+        "(top-2 sum per group), sigmoid scoring",
+    ),
+    PointSpec(
+        "ffn_moe_weights",
+        Kind.DENSE,
+        "final routing weights, aligned to sorted ids [T, k]",
+        "routing weights differ: weights must be unbiased sigmoid scores, normalised, times "
+        "routed_scaling_factor",
+    ),
+    PointSpec(
+        "ffn_shexp",
+        Kind.DENSE,
+        "shared-expert output [T, hidden]",
+        "shared-expert output differs: check the shared SwiGLU's intermediate size "
+        "(moe_shared_expert_intermediate_size × num_shared_experts) and that it has no gate "
+        "or norm",
+    ),
+    PointSpec(
+        "ffn_out",
+        Kind.DENSE,
+        "dense MLP or MoE (+ shared) output [T, hidden]",
+        "MLP/MoE output differs: check the dense SwiGLU in layer 0, the expert SwiGLUs, the "
+        "weighted sum of routed experts and that the shared experts are added once",
+    ),
+    PointSpec(
+        "l_out",
+        Kind.DENSE,
+        "layer output, the residual stream [T, hidden]",
+        "layer output differs though its parts matched: check the second residual add (y = "
+        "h + FFN(h)) and the layer type assignment (MLA every layer_group_size-th layer)",
+    ),
 )
 
 # Global points of the trunk, in forward order (after all layers).
 TRUNK_POINTS: tuple[PointSpec, ...] = (
-    PointSpec("result_norm", Kind.DENSE, "final model.norm output [T, hidden]"),
-    PointSpec("result_output", Kind.LOGITS, "logits [T, vocab]"),
+    PointSpec(
+        "result_norm",
+        Kind.DENSE,
+        "final model.norm output [T, hidden]",
+        "final norm output differs: check model.norm's weight and eps",
+    ),
+    PointSpec(
+        "result_output",
+        Kind.LOGITS,
+        "logits [T, vocab]",
+        "logits differ: check lm_head (not tied to the embedding) and the final norm input",
+    ),
 )
 
 # MTP head points, in forward order (after the trunk).
 MTP_POINTS: tuple[PointSpec, ...] = (
-    PointSpec("mtp_enorm", Kind.DENSE, "enorm(embedding of token t+1) [T, hidden]"),
-    PointSpec("mtp_hnorm", Kind.DENSE, "hnorm(post-norm trunk hidden) [T, hidden]"),
-    PointSpec("mtp_eh_proj", Kind.DENSE, "eh_proj([enorm; hnorm]) [T, hidden]"),
-    PointSpec("mtp_attn_out", Kind.DENSE, "MTP layer MLA output [T, hidden]"),
-    PointSpec("mtp_ffn_inp", Kind.DENSE, "MTP residual after attention [T, hidden]"),
-    PointSpec("mtp_ffn_moe_topk", Kind.INDEX, "MTP router ids, sorted ascending [T, k]"),
-    PointSpec("mtp_ffn_moe_weights", Kind.DENSE, "MTP routing weights [T, k]"),
-    PointSpec("mtp_ffn_out", Kind.DENSE, "MTP MoE (+ shared) output [T, hidden]"),
-    PointSpec("mtp_l_out", Kind.DENSE, "MTP block output before final_layernorm [T, hidden]"),
-    PointSpec("mtp_result_norm", Kind.DENSE, "MTP final_layernorm output [T, hidden]"),
-    PointSpec("mtp_result_output", Kind.LOGITS, "MTP draft logits [T, vocab]"),
+    PointSpec(
+        "mtp_enorm",
+        Kind.DENSE,
+        "enorm(embedding of token t+1) [T, hidden]",
+        "MTP enorm differs: it normalises the embedding of token t+1 (the next token), not t",
+    ),
+    PointSpec(
+        "mtp_hnorm",
+        Kind.DENSE,
+        "hnorm(post-norm trunk hidden) [T, hidden]",
+        "MTP hnorm differs: it must be fed the post-final-norm trunk hidden (model.norm "
+        "output), not the pre-norm l_out",
+    ),
+    PointSpec(
+        "mtp_eh_proj",
+        Kind.DENSE,
+        "eh_proj([enorm; hnorm]) [T, hidden]",
+        "MTP eh_proj differs: the concat order is [enorm(embedding) ; hnorm(hidden)], "
+        "embedding first",
+    ),
+    PointSpec(
+        "mtp_attn_out",
+        Kind.DENSE,
+        "MTP layer MLA output [T, hidden]",
+        "MTP attention differs: the MTP layer is always MLA; check its rope positions "
+        "(those of the hidden) and its own KV cache",
+    ),
+    PointSpec(
+        "mtp_ffn_inp",
+        Kind.DENSE,
+        "MTP residual after attention [T, hidden]",
+        "MTP residual after attention differs: check the residual add on eh_proj output",
+    ),
+    PointSpec(
+        "mtp_ffn_moe_topk",
+        Kind.INDEX,
+        "MTP router ids, sorted ascending [T, k]",
+        "MTP router selected different experts: the MTP MoE has its own router and "
+        "expert_bias (selection only), with the same group limit as the trunk",
+    ),
+    PointSpec(
+        "mtp_ffn_moe_weights",
+        Kind.DENSE,
+        "MTP routing weights [T, k]",
+        "MTP routing weights differ: unbiased sigmoid scores, normalised, times "
+        "routed_scaling_factor",
+    ),
+    PointSpec(
+        "mtp_ffn_out",
+        Kind.DENSE,
+        "MTP MoE (+ shared) output [T, hidden]",
+        "MTP MoE output differs: check its routed experts and its own shared expert",
+    ),
+    PointSpec(
+        "mtp_l_out",
+        Kind.DENSE,
+        "MTP block output before final_layernorm [T, hidden]",
+        "MTP block output differs: check the second residual add of the MTP layer",
+    ),
+    PointSpec(
+        "mtp_result_norm",
+        Kind.DENSE,
+        "MTP final_layernorm output [T, hidden]",
+        "MTP final norm differs: it is the MTP layer's final_layernorm, not the trunk's model.norm",
+    ),
+    PointSpec(
+        "mtp_result_output",
+        Kind.LOGITS,
+        "MTP draft logits [T, vocab]",
+        "MTP draft logits differ: the lm_head is shared with the trunk and applied to the "
+        "MTP final_layernorm output",
+    ),
 )
 
 _BY_STEM: dict[str, tuple[int, PointSpec]] = {
@@ -74,6 +226,7 @@ _BY_STEM: dict[str, tuple[int, PointSpec]] = {
 }
 _LAYER_STEMS = {p.stem for p in LAYER_POINTS}
 _NAME_RE = re.compile(r"^(?P<stem>[a-z_]+?)(?:-(?P<layer>\d+))?$")
+_STEM_RE = re.compile(r"^(?P<stem>.+?)(?:-\d+)?$")
 
 
 class UnknownCapturePoint(ValueError):
@@ -136,3 +289,17 @@ def all_points(n_layers: int, *, mtp: bool = False) -> list[str]:
     if mtp:
         names += [p.stem for p in MTP_POINTS]
     return names
+
+
+def explain_divergence(point: str) -> str:
+    """What usually breaks at ``point``, in words, for the report and the CLI (a malformed name
+    still gets its stem's advice: ``result_norm-3`` is the final norm)."""
+    try:
+        stem = parse(point)[0].stem
+    except UnknownCapturePoint:
+        m = _STEM_RE.match(point)
+        stem = m["stem"] if m else point
+    found = _BY_STEM.get(stem)
+    if found is None:
+        return f"{point} differs: no specific advice for this capture point"
+    return found[1].advice

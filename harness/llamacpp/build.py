@@ -5,7 +5,7 @@ from it rather than from an arbitrary llama.cpp checkout (an ABI mismatch in
 ``llama_context_params`` would corrupt memory silently).  Patches are applied onto
 ``vendor/llama.cpp`` so that a port under development (a patch series) is built the same way.
 
-Layout under ``$BAILING_PARITY_CACHE`` (default ``~/.cache/bailing-parity``), subdir ``llamacpp/``::
+Layout under the cache root (:mod:`harness.core.cache`), subdir ``llamacpp/``::
 
     sdist/<ver>/llama_cpp_python-<ver>.tar.gz   the downloaded sdist
     src/<ver>/                                  pristine extracted tree (converter, gguf-py)
@@ -23,6 +23,7 @@ import contextlib
 import filecmp
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -35,8 +36,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from harness.core import lifecycle
-from harness.core.atomic import locked
+from harness.core import cache, lifecycle
+from harness.core.atomic import locked, staged_dir
 from harness.core.progress import Event, Progress, follow_log, ninja_step
 
 DEFAULT_VERSION = "0.3.36"
@@ -54,9 +55,20 @@ class BuildError(RuntimeError):
 
 
 def cache_root() -> Path:
-    """The llama.cpp cache dir, outside the repo so that nox/venv wipes do not cost a rebuild."""
-    base = os.environ.get("BAILING_PARITY_CACHE") or Path.home() / ".cache" / "bailing-parity"
-    return Path(base).expanduser() / "llamacpp"
+    """The llama.cpp part of the one cache root (:func:`harness.core.cache.root`)."""
+    return cache.root() / "llamacpp"
+
+
+def missing_llamacpp() -> str | None:
+    """Why llama.cpp cannot run here (None when it can), with how to install what is missing;
+    imports nothing native."""
+    for mod, how in (
+        ("llama_cpp", "python -m harness.llamacpp.build --install"),
+        ("gguf", "pip install gguf"),
+    ):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not importable; install with: {how}"
+    return None
 
 
 def _run(
@@ -341,8 +353,7 @@ def ensure_site(
     site = cache_root() / "site" / cache_key(version, cmake_args, patches)
     if (site / "llama_cpp" / _BUILD_INFO).is_file():
         return site
-    tmp = Path(tempfile.mkdtemp(prefix=".site-", dir=cache_root()))
-    try:
+    with staged_dir(site, replace=True) as tmp:
         _run(
             [
                 sys.executable,
@@ -357,12 +368,6 @@ def ensure_site(
             ],
             what=f"unpacking {wheel.name}",
         )
-        if site.exists():
-            shutil.rmtree(site)
-        site.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(site)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return site
 
 
@@ -397,8 +402,14 @@ def _stamp_wheel(wheel: Path, info_path: Path) -> None:
     tmp.replace(wheel)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m harness.llamacpp.build [--install] [--patch P ...]``: print the wheel path."""
+def main(
+    argv: Sequence[str] | None = None, our_patches: Callable[[], list[Path]] | None = None
+) -> int:
+    """``python -m harness.llamacpp.build [--install] [--patch P ...]``: print the wheel path.
+
+    ``our_patches`` gives ``--with-our-port`` its series; the ``__main__`` block below passes
+    ``ports.llamacpp.port.patches`` (our port is built with this module, so only the entry point
+    may import it)."""
     ap = argparse.ArgumentParser(prog="python -m harness.llamacpp.build", description=__doc__)
     ap.add_argument("--version", default=DEFAULT_VERSION)
     ap.add_argument("--cmake-args", default="")
@@ -418,8 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fn = ensure_installed if args.install else ensure_site if args.site else ensure_wheel
             patches = list(args.patch)
             if args.with_our_port:
-                from ports.llamacpp.port import patches as our_patches
-
+                if our_patches is None:
+                    raise BuildError("--with-our-port: no port patch series was given to main()")
                 patches = [*our_patches(), *patches]
             print(fn(args.version, args.cmake_args, patches))
     except BuildError as e:
@@ -432,4 +443,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ports.llamacpp.port import patches as _our_patches
+
+    raise SystemExit(main(our_patches=_our_patches))

@@ -127,7 +127,8 @@ def expected_from_metadata(
     return out
 
 
-def _fmt(values: Collection[str], limit: int = LIST_LIMIT) -> str:
+def _sorted_list_text(values: Collection[str], limit: int = LIST_LIMIT) -> str:
+    """The first ``limit`` values, sorted and comma-separated, with how many more there are."""
     items = sorted(values)
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
@@ -269,7 +270,8 @@ def inventory(
     wanted = set(from_ckpt) | {n for n, (_, opt) in expected.items() if not opt or n in from_ckpt}
     for name in sorted(wanted - set(tensors)):
         src = from_ckpt.get(name)
-        inv.missing.append(name + (f" (from {_fmt(src, 2)})" if src else " (metadata implies it)"))
+        why = f" (from {_sorted_list_text(src, 2)})" if src else " (metadata implies it)"
+        inv.missing.append(name + why)
     inv.unexpected = sorted(set(tensors) - set(from_ckpt) - set(expected))
     for name, (ne, _) in expected.items():
         if name not in tensors:
@@ -304,9 +306,9 @@ def render(inv: Inventory) -> list[str]:
         ("metadata disagreeing with config.json", inv.metadata_mismatches),
     ):
         if items:
-            out.append(f"{head}: {label}: {_fmt(items)}")
+            out.append(f"{head}: {label}: {_sorted_list_text(items)}")
     if inv.notes and (out or inv.port is None):
-        out.append(f"{head}: notes: {_fmt(inv.notes, 4)}")
+        out.append(f"{head}: notes: {_sorted_list_text(inv.notes, 4)}")
     return out
 
 

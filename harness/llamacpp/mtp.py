@@ -1,8 +1,8 @@
 """Speculative MTP decoding through llama.cpp: a :class:`harness.checks.mtp.MtpModel` in a child
 process.
 
-``load_llamacpp_mtp`` converts and inventories the checkpoint as the llama.cpp backend does
-(:mod:`harness.backends.llamacpp_backend`), then starts ``python -m harness.llamacpp.mtp`` with two
+:func:`harness.backends.llamacpp_mtp.load_llamacpp_mtp` converts and inventories the checkpoint as
+the llama.cpp backend does, then starts ``python -m harness.llamacpp.mtp`` (this module) with two
 contexts on one model: the trunk (``embeddings_nextn`` on: the post-norm hidden h_t of every
 position) and the MTP head (``ctx_type = LLAMA_CONTEXT_TYPE_MTP``, ``ctx_other`` = trunk).  The
 child is driven the way upstream's ``draft-mtp`` (``common/speculative.cpp``) drives them (also
@@ -46,19 +46,16 @@ import os
 import traceback
 import weakref
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from harness.core.errors import InputError, PortFailure
+from harness.core.errors import InputError
 from harness.llamacpp.client import WorkerClient
-
-MTP_EXTRA_KEYS = ("mtp_chain", "mtp_rollback", "mtp_rs_seq")
-CHAIN_HIDDEN = ("nextn", "l_out")
-ROLLBACKS = ("state", "seq_rm")
-DEFAULT_RS_SEQ = 8  # rollback planes under mtp_rollback=seq_rm: a verification of chain <= 7
+from harness.llamacpp.known_ports import port_for_arch
+from harness.llamacpp.names import mtp_to_canonical, mtp_wanted
+from harness.llamacpp.worker import Engine, WorkerError, run_child, serve_requests
 
 # staging API of src/llama-ext.h: declared without extern "C", so exported C++-mangled
 _SYM_SET_NEXTN = "_Z26llama_set_embeddings_nextnP13llama_contextbb"
@@ -105,76 +102,6 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
             return {k: npz[k] for k in npz.files}
     finally:
         p.unlink(missing_ok=True)
-
-
-def _split_options(options: Any) -> tuple[Any, str, int]:
-    """(BackendOptions without this module's keys, chain-hidden choice, rollback planes: 0 for
-    ``mtp_rollback=state``)."""
-    extra = dict(options.extra)
-    chain = str(extra.pop("mtp_chain", "nextn")).strip().lower()
-    if chain not in CHAIN_HIDDEN:
-        raise InputError(f"llamacpp: mtp_chain={chain!r}; known: {', '.join(CHAIN_HIDDEN)}")
-    rollback = str(extra.pop("mtp_rollback", "state")).strip().lower()
-    if rollback not in ROLLBACKS:
-        raise InputError(f"llamacpp: mtp_rollback={rollback!r}; known: {', '.join(ROLLBACKS)}")
-    raw = extra.pop("mtp_rs_seq", DEFAULT_RS_SEQ)
-    try:
-        rs_seq = int(raw)
-    except (TypeError, ValueError):
-        rs_seq = 0
-    if rs_seq < 1:
-        raise InputError(f"llamacpp: mtp_rs_seq={raw!r}; expected a positive integer")
-    return replace(options, extra=extra), chain, rs_seq if rollback == "seq_rm" else 0
-
-
-def load_llamacpp_mtp(
-    checkpoint_dir: Path, options: Any, label: str = "llamacpp"
-) -> LlamaCppMtpModel:
-    """Convert (cached), inventory, start the MTP child and load the GGUF with its MTP head.
-
-    ``options``: the llama.cpp backend's (``harness.backends.llamacpp_backend``) plus
-    ``mtp_chain=nextn|l_out`` (the hidden chained drafts reuse; see the module doc).
-    """
-    from harness.backends.llamacpp_backend import parse_options, prepare_gguf
-    from harness.core.errors import ArchitectureNotSupported
-
-    options, chain, rs_seq = _split_options(options)
-    settings = parse_options(options)
-    prep = prepare_gguf(checkpoint_dir, settings)
-    if not int(prep.config.get("num_nextn_predict_layers") or 0):
-        raise InputError(
-            f"{Path(checkpoint_dir)}: num_nextn_predict_layers is 0: no MTP head to draft with"
-        )
-    gguf, env, family, findings = prep.gguf, prep.env, prep.family, prep.findings
-
-    client = MtpWorkerClient(
-        env=env, site=settings.site, timeout=settings.timeout, label=f"llama.cpp MTP ({gguf.name})"
-    )
-    params = replace(settings.params, load_mtp=True, n_rs_seq=rs_seq)
-    try:
-        info = client.request(
-            {"op": "load", "model": str(gguf), "params": params.record(), "chain": chain},
-            doing=f"loading {gguf.name} with its MTP head",
-            timeout=client.load_timeout,
-        )
-    except PortFailure as e:
-        client.close()
-        if "unknown model architecture" in str(e):
-            raise ArchitectureNotSupported(
-                f"architecture not supported by this build: libllama refuses {gguf.name} "
-                f"(unknown model architecture); the checkpoint is {family.name} "
-                f"({family.architecture})"
-            ) from None
-        raise
-    except BaseException:
-        client.close()
-        raise
-    info.pop("ok", None)
-    if not int(info.get("n_layer_nextn") or 0):
-        client.close()
-        raise PortFailure(f"{gguf.name}: llama.cpp loaded no NextN layer (n_layer_nextn = 0)")
-    client.info = info
-    return LlamaCppMtpModel(client, info, gguf, chain, label, findings)
 
 
 class LlamaCppMtpModel:
@@ -231,8 +158,6 @@ class LlamaCppMtpModel:
         trunk's ``result_output``), then per ``decode`` token one entry for the position it
         completes, the trunk fed that token after it.  Canonical captures per MTP call; starts
         a new session and leaves a fresh one."""
-        from harness.llamacpp.names import mtp_to_canonical, mtp_wanted, port_for_arch
-
         prompt = [int(t) for t in prompt]
         if len(prompt) < 2:
             raise InputError("MTP capture needs a prompt of at least two tokens")
@@ -436,8 +361,6 @@ class MtpEngine:
     """The trunk context (from :class:`harness.llamacpp.worker.Engine`) plus an MTP context."""
 
     def __init__(self, workdir: Path) -> None:
-        from harness.llamacpp.worker import Engine
-
         self.base = Engine(workdir)
         self.ll = self.base.ll
         self.workdir = workdir
@@ -450,8 +373,6 @@ class MtpEngine:
         self._seq = 0
 
     def _sym(self, name: str, argtypes: list[Any], restype: Any) -> Any:
-        from harness.llamacpp.worker import WorkerError
-
         try:
             f = getattr(self.ll.llama_cpp._lib, name)
         except AttributeError:
@@ -462,8 +383,6 @@ class MtpEngine:
         return f
 
     def load(self, model: str, params: dict[str, Any], chain: str) -> dict[str, Any]:
-        from harness.llamacpp.worker import WorkerError
-
         ll, base = self.ll, self.base
         if not hasattr(ll, "LLAMA_CONTEXT_TYPE_MTP"):
             raise WorkerError("this llama_cpp has no LLAMA_CONTEXT_TYPE_MTP", "load")
@@ -502,16 +421,12 @@ class MtpEngine:
         return {"npz": str(path)}
 
     def _decode_error(self) -> None:
-        from harness.llamacpp.worker import WorkerError
-
         if self.base.cb_error is not None:
             err = "".join(traceback.format_exception(self.base.cb_error))
             raise WorkerError(f"eval callback failed:\n{err}", "callback")
 
     def feed(self, tokens: list[int]) -> dict[str, Any]:
         """Trunk: logits and the nextn hidden of every fed row."""
-        from harness.llamacpp.worker import WorkerError
-
         ll, base = self.ll, self.base
         self._require()
         bad = [x for x in tokens if not 0 <= x < base.n_vocab]
@@ -553,8 +468,6 @@ class MtpEngine:
 
         ``wanted``: callback names to capture (returned as ``cap__<name>``, rows of every chunk
         concatenated); ``all_rows``: logits of every entry, not only the last."""
-        from harness.llamacpp.worker import WorkerError
-
         ll, base = self.ll, self.base
         self._require()
         with np.load(hidden_path) as npz:
@@ -636,8 +549,6 @@ class MtpEngine:
 
     def save(self) -> dict[str, Any]:
         """Copy the trunk sequence (MLA cells + GLA states) into a buffer kept here."""
-        from harness.llamacpp.worker import WorkerError
-
         ll, base = self.ll, self.base
         self._require()
         n = int(ll.llama_state_seq_get_size(base.ctx, 0))
@@ -650,8 +561,6 @@ class MtpEngine:
         return {"id": self._next_id, "bytes": n, "held": len(self.states)}
 
     def restore(self, sid: int) -> dict[str, Any]:
-        from harness.llamacpp.worker import WorkerError
-
         ll, base = self.ll, self.base
         self._require()
         if sid not in self.states:
@@ -669,8 +578,6 @@ class MtpEngine:
     def rollback(self, keep_to: int) -> dict[str, Any]:
         """llama-server's undo: drop the trunk positions from ``keep_to`` on in place
         (``llama_memory_seq_rm``); recurrent layers return to a rollback plane."""
-        from harness.llamacpp.worker import WorkerError
-
         ll, base = self.ll, self.base
         self._require()
         if not 0 < keep_to <= base.n_past:
@@ -693,8 +600,6 @@ class MtpEngine:
         return base.reset()
 
     def _require(self) -> None:
-        from harness.llamacpp.worker import WorkerError
-
         if self.ctx_mtp is None:
             raise WorkerError("no model with an MTP context loaded", "protocol")
 
@@ -707,8 +612,6 @@ class MtpEngine:
 
 
 def _handle(engine: MtpEngine, op: str, req: dict[str, Any]) -> dict[str, Any]:
-    from harness.llamacpp.worker import WorkerError
-
     for sid in req.get("drop", ()):  # snapshots the parent has let go of
         engine.states.pop(int(sid), None)
     if op == "load":
@@ -738,14 +641,10 @@ def _handle(engine: MtpEngine, op: str, req: dict[str, Any]) -> dict[str, Any]:
 
 def serve(inp: Any, out: Any, workdir: Path) -> None:
     """The worker protocol (:func:`harness.llamacpp.worker.serve_requests`) with the MTP ops."""
-    from harness.llamacpp.worker import serve_requests
-
     serve_requests(inp, out, lambda: MtpEngine(workdir), _handle)
 
 
 def main() -> int:
-    from harness.llamacpp.worker import run_child
-
     return run_child(serve)
 
 

@@ -2,7 +2,7 @@
 
 Names were read from the vendored llama.cpp (``src/models/<arch>.cpp`` and the helpers in
 ``src/llama-graph.cpp``) AND confirmed by running the graphs on tiny random GGUFs
-(:mod:`harness.llamacpp.testing`) and listing every node name the callback was offered.  A
+(``tests/llamacpp_testing.py``) and listing every node name the callback was offered.  A
 node's name is the LAST ``cb()`` applied to it (``build_norm`` names its output ``norm-N``
 and the model then renames it ``attn_norm-N``); unnamed nodes show up as ``node_<index>``,
 which is unstable and never mapped.
@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from harness.backends.base import Captures
 from harness.core.capture_points import Kind, parse
+from harness.core.captures import Captures
 
 
 @dataclass(frozen=True)
@@ -126,24 +126,6 @@ PORTS: dict[str, PortNames] = {
         ),
     ),
 }
-
-
-def _register_our_ports() -> None:
-    """Ports we own (``ports/``) keep their name maps beside their patches; add them here."""
-    try:
-        from ports.llamacpp import port as ours
-    except ImportError:
-        return
-    PORTS.setdefault(ours.PORT_NAME, ours.NAMES)
-
-
-def port_for_arch(arch: str) -> PortNames:
-    """The name map for a GGUF's ``general.architecture``; KeyError lists what is known."""
-    _register_our_ports()
-    for port in PORTS.values():
-        if port.arch == arch:
-            return port
-    raise KeyError(f"no llama.cpp name map for arch {arch!r}; known: {sorted(PORTS)}")
 
 
 def _candidates(port: PortNames, canonical: str) -> tuple[str, ...]:

@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from harness.checks.mtp import MtpModel, MtpSession, SpecResult, plain_greedy, speculative_greedy
+from harness.checks.mtp_decoding import (
+    MtpModel,
+    MtpSession,
+    SpecResult,
+    plain_greedy,
+    speculative_greedy,
+)
 from harness.core.errors import InputError
 from harness.perf.sweep import save_table, typed_frame
 

@@ -9,35 +9,29 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import math
 import os
 import pickle
-import platform
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
 
 from harness.backends.targets import BACKENDS, REFERENCE, Target, parse_targets
 from harness.checks.cases import CASES_DIR, Case, load_case, materialize
-from harness.checks.compare import explain_divergence
-from harness.checks.greedy import GREEDY_STEPS, greedy_compare
-from harness.checks.runner import CASE_MODES, MODES, Runner
+from harness.checks.session import CHECKS, CheckResult, CheckSession, Subject, plan
 from harness.checks.slope_convention import case_convention
-from harness.core.errors import ArchitectureNotSupported, InputError, PortFailure, port_boundary
+from harness.core.errors import InputError
 from harness.core.verdict import CheckVerdict, Status
 from harness.pytest_plugin.bench_items import BenchGrid, BenchSession, bench_items
+from harness.report.environment import environment
 from harness.report.summary import print_summary
 
-RUNNER_KEY = pytest.StashKey[Runner]()
+RUNNER_KEY = pytest.StashKey[CheckSession]()
 BENCH_KEY = pytest.StashKey[BenchSession]()
-MTP_STEPS = 16
 
 
-def _mtp_keys(runner: Runner) -> set[tuple[str, str, str]]:
-    return {(r.case, r.prompt, r.backend) for r in runner.mtp_runs}
+def _mtp_keys(session: CheckSession) -> set[tuple[str, str, str]]:
+    return {(r.case, r.prompt, r.backend) for r in session.mtp_runs}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,7 +43,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--reference", default=REFERENCE,
                     help=f"the reference target (default {REFERENCE})")
     group.addoption("--cases", default="", help="comma-separated case names (default: all)")
-    group.addoption("--modes", default=",".join((*MODES, "greedy", *CASE_MODES)),
+    group.addoption("--modes", default=",".join(CHECKS),
                     help="checks per pair: prefill (one forward), decode (prefill + steps), "
                          "greedy (64 greedy tokens; at a mismatch vLLM's top-k rule decides), "
                          "mtp (draft acceptance equal to the reference's), slopes (GLA decay "
@@ -77,7 +71,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[RUNNER_KEY] = Runner()
+    config.stash[RUNNER_KEY] = CheckSession()
     config.pluginmanager.register(VerdictRecorder(config), "bailing-parity-verdicts")
     config.addinivalue_line("markers", "benchmark_item: a --benchmark throughput item")
     config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker")
@@ -106,15 +100,6 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     return None
 
 
-def _case_has(case, mode: str) -> bool:
-    """mtp: the case's model has an MTP layer (both families have our reference head);
-    slopes: it has GLA layers with ALiBi-style decay slopes (Ling-2.6; Ling 3.0's KDA learns its
-    decay)."""
-    if mode == "mtp":
-        return int(case.config.get("num_nextn_predict_layers") or 0) > 0
-    return case.family == "ling26"
-
-
 class CaseFile(pytest.File):
     """One case file: its prompts x candidate targets x modes."""
 
@@ -135,17 +120,24 @@ class CaseFile(pytest.File):
         if bench := config.stash.get(BENCH_KEY, None):
             yield from bench_items(self, case, candidates, bench)
             return
-        modes = [m for m in config.getoption("--modes").split(",") if m]
-        for i, prompt in enumerate(case.prompts):
-            for cand in candidates:
-                for mode in modes:
-                    if mode in CASE_MODES and (i > 0 or not _case_has(case, mode)):
-                        continue  # once per case, where the model has what the mode checks
-                    name = f"{prompt.name}::{cand.label}-vs-{reference.label}::{mode}"
-                    yield ParityItem.from_parent(
-                        self, name=name, case=case, prompt=prompt.name, candidate=cand,
-                        reference=reference, mode=mode,
-                    )
+        modes = _modes(config)
+        subjects = [Subject.from_case(case, p.name) for p in case.prompts]
+        for subject, cand, mode in plan(subjects, candidates, modes):
+            name = f"{subject.prompt}::{cand.label}-vs-{reference.label}::{mode}"
+            yield ParityItem.from_parent(
+                self, name=name, case=case, prompt=subject.prompt, candidate=cand,
+                reference=reference, mode=mode,
+            )
+
+
+def _modes(config: pytest.Config) -> list[str]:
+    """--modes, validated by the session's registry of checks (a usage error otherwise)."""
+    from harness.checks.session import parse_modes
+
+    try:
+        return parse_modes(config.getoption("--modes"))
+    except InputError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 class BackendMissing(Exception):
@@ -163,7 +155,7 @@ class ParityItem(pytest.Item):
         self.case, self.prompt, self.mode = case, prompt, mode
         self.candidate, self.reference = candidate, reference
         self.port_failed = False
-        self.detail = ""  # what a passing check has to say (e.g. greedy agreement)
+        self.result: CheckResult | None = None  # the session's, once the check ran
         self.add_marker(pytest.mark.parity)
         self.add_marker(pytest.mark.xdist_group(case.name))  # one case, one worker
         self.add_marker(getattr(pytest.mark, candidate.backend))
@@ -172,96 +164,27 @@ class ParityItem(pytest.Item):
                                               raises=ParityFailure))
 
     def runtest(self) -> None:
-        runner = self.config.stash[RUNNER_KEY]
+        """Availability (skip, or a failure under --require-backends), then the session's check;
+        its result becomes pytest's outcome."""
+        session = self.config.stash[RUNNER_KEY]
         for target in (self.reference, self.candidate):
-            ok, reason = runner.availability(target)
+            ok, reason = session.availability(target)
             if not ok:
                 if self.config.getoption("--require-backends"):
                     raise BackendMissing(f"backend {target.label} cannot run here: {reason}")
-                runner.findings.append(f"{target.label} skipped: {reason}")
+                session.note(f"{target.label} skipped: {reason}")
                 pytest.skip(f"{target.label}: {reason}")
-        tokens = next(p.tokens for p in self.case.prompts if p.name == self.prompt)
-        if (note := case_convention(self.case).note) not in runner.findings:
-            runner.findings.append(note)  # the run records the convention it checked against
         try:
-            if self.mode == "greedy":
-                return self._greedy(runner, tokens)
-            if self.mode == "mtp":
-                return self._mtp(runner, tokens)
-            if self.mode == "slopes":
-                return self._slopes(runner)
-            result = runner.compare(
-                case=self.case.name, prompt=self.prompt, checkpoint=materialize(self.case),
-                tokens=tokens, candidate=self.candidate, reference=self.reference,
-                tolerance=self.case.tolerance(self.candidate.dtype), mode=self.mode,
-                n_decode=self.case.decode_steps,
-            )
-        except ArchitectureNotSupported as e:  # the port's coverage, not a missing backend
-            runner.findings.append(f"{self.candidate.label} on {self.case.name}: {e}")
-            pytest.skip(str(e))
-        except PortFailure as e:
-            self.port_failed = True
-            runner.findings.append(f"{self.case.name}/{self.prompt} {self.mode}: {e}")
-            raise ParityFailure(f"port failure: {e}") from None
+            self.result = session.run(self.mode, Subject.from_case(self.case, self.prompt),
+                                      self.candidate, self.reference, record=False)
         except InputError as e:
             raise ParityFailure(f"bad input: {e}") from None
-        if not result.passed:
-            why = explain_divergence(result.first_divergence) if result.first_divergence else ""
-            raise ParityFailure(f"{result.summary_line()}\n  {why}".rstrip())
-
-    def _greedy(self, runner: Runner, tokens) -> None:
-        """vLLM's greedy rule (harness.checks.greedy), max(decode_steps, GREEDY_STEPS) tokens."""
-        checkpoint = materialize(self.case)
-        cand = runner.model(self.candidate, checkpoint)
-        ref = runner.model(self.reference, checkpoint)
-        with port_boundary(self.candidate.label, "crashed in greedy decode"):
-            res = greedy_compare(cand, ref, tokens, max(self.case.decode_steps, GREEDY_STEPS))
-        self.detail = res.summary()  # informational: the verdict's detail, not a finding
-        if not res.passed:
-            raise ParityFailure(res.summary())
-
-    def _mtp(self, runner: Runner, tokens) -> None:
-        """Speculative greedy decoding with the MTP head: the candidate's drafts, acceptance and
-        greedy output must be the reference's (harness.checks.mtp)."""
-        from harness.checks.mtp import MTP_BACKENDS, MtpPrompt, MtpRunner
-
-        if self.candidate.backend not in MTP_BACKENDS:
-            pytest.skip(f"no MTP driver for {self.candidate.backend} in the harness yet")
-        tolerance = self.case.tolerance(self.candidate.dtype).nmse
-        mtp = MtpRunner(steps=MTP_STEPS, reference=self.reference,
-                        draft_tolerance=lambda target: tolerance)
-        prompt = MtpPrompt(self.case.name, self.prompt, tuple(tokens))
-        ref, cand = mtp.run(materialize(self.case), prompt, [self.candidate])
-        runner.findings.extend(mtp.findings)
-        runner.mtp_runs.extend(r for r in (ref, cand)
-                               if (r.case, r.prompt, r.backend) not in _mtp_keys(runner))
-        if cand.error:
-            raise PortFailure(cand.error)
-        if not cand.ok:
-            raise ParityFailure(
-                f"{self.candidate.label} MTP on {self.case.name}/{self.prompt}: greedy output "
-                f"{'kept' if cand.greedy_unchanged else 'CHANGED'}, drafts "
-                f"{'match' if cand.drafts_match_reference else 'DIFFER from'} the reference's "
-                f"(draft NMSE max {cand.draft_nmse_max:.2e} "
-                f"{'<=' if cand.draft_logits_ok else '>'} {tolerance:.0e}, "
-                f"top-1 {cand.draft_top1:.1%}), first MTP divergence "
-                f"{cand.mtp_first_divergence or 'not captured'}")
-
-    def _slopes(self, runner: Runner) -> None:
-        """Which GLA decay the candidate applies, read where exposed and fitted black-box, against
-        the convention the case's checkpoint was published with."""
-        from harness.checks.slope_diagnostics import diagnose, reference_pair
-
-        convention = case_convention(self.case)
-        checkpoint = materialize(self.case)
-        verdict = diagnose(self.candidate.label, runner.model(self.candidate, checkpoint),
-                           reference_pair(checkpoint), expected=convention.slope)
-        verdict.backend = f"{self.candidate.label} on {self.case.name}"
-        runner.slope_verdicts.append(verdict)
-        if verdict.verdict != convention.slope or verdict.agree is False:
-            raise ParityFailure(
-                f"{convention.mismatch(verdict.backend, verdict.verdict)}; "
-                f"{'; '.join(verdict.notes)}".rstrip("; "))
+        if self.result.status is Status.SKIPPED:
+            pytest.skip(self.result.message)
+        if self.result.status is Status.ERROR:
+            self.port_failed = True
+        if not self.result.passed:
+            raise ParityFailure(self.result.message)
 
     def check_verdict(self, report: pytest.TestReport) -> CheckVerdict:
         """This item's line of the run's verdict, from pytest's final report of it."""
@@ -271,7 +194,10 @@ class ParityItem(pytest.Item):
             status = Status.ERROR if self.port_failed else Status.FAILED
         else:
             status = Status.PASSED
-        detail = self.detail if status is Status.PASSED else _first_line(report)
+        result = self.result
+        if result is not None and status is result.status:
+            return result.verdict_row()
+        detail = _first_line(report)
         return CheckVerdict(self.case.name, self.prompt, self.candidate.label,
                             self.reference.label, self.mode, status, detail)
 
@@ -310,47 +236,34 @@ class VerdictRecorder:
             self.config.stash[RUNNER_KEY].verdict.add(item.check_verdict(report))
 
 
-GATE_KEY = pytest.StashKey[object]()
+OUTCOME_KEY = pytest.StashKey[object]()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Collect findings and run the regression gate before the summary, so it sets the exit code."""
+    """The check session's finishing steps (findings, gate, run folder) before the summary, so
+    the gate sets the exit code; an xdist worker sends its share to the controller instead."""
     config = session.config
-    runner = config.stash.get(RUNNER_KEY, None)
-    if runner is None:
+    checks = config.stash.get(RUNNER_KEY, None)
+    if checks is None:
         return
-    from harness.backends.llamacpp_backend import model_findings
-
-    runner.findings.extend(f for f in model_findings(runner.models.values())
-                           if f not in runner.findings)
-    for family in {item.case.family for item in session.items if isinstance(item, ParityItem)}:
-        runner.findings.extend(f for f in family_findings(family) if f not in runner.findings)
+    families = {item.case.family for item in session.items if isinstance(item, ParityItem)}
     if is_xdist_worker(config):  # the controller merges, gates and writes the one run folder
-        config.workeroutput[WORKER_OUTPUT] = worker_payload(runner, config.stash.get(BENCH_KEY,
+        checks.gather_findings(sorted(families))
+        config.workeroutput[WORKER_OUTPUT] = worker_payload(checks, config.stash.get(BENCH_KEY,
                                                                                      None))
         return
-    if not runner.ran_anything:
+    if not checks.ran_anything:
         return
-    order_results(runner, [m for m in config.getoption("--modes").split(",") if m])
-    if baseline := config.getoption("--gate-baseline"):
-        from harness.checks.compare import results_frame
-        from harness.checks.gate import gate, load_baseline
-
-        tables = {"parity": results_frame(runner.results), "verdicts": runner.verdict.frame()}
-        if runner.mtp_runs:
-            from harness.checks.mtp import mtp_frame
-
-            tables["mtp"] = mtp_frame(runner.mtp_runs)
-        try:
-            regressions = gate(load_baseline(Path(baseline)), tables)
-        except InputError as e:  # an empty run or a malformed baseline: the gate cannot pass
-            regressions = pd.DataFrame([{"table": "*", "key": "*", "metric": "gate",
-                                         "baseline": math.nan, "current": math.nan,
-                                         "allowed": "a gateable run", "reason": str(e)}])
-        config.stash[GATE_KEY] = (baseline, regressions)
-        if not regressions.empty and session.exitstatus == pytest.ExitCode.OK:
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    baseline = config.getoption("--gate-baseline")
+    root = config.getoption("--report-dir")
+    outcome = checks.finish(
+        reports_root=Path(root) if root else None, title="bailing-parity: parity suite",
+        gate_baseline=Path(baseline) if baseline else None, modes=_modes(config),
+        families=sorted(families))
+    config.stash[OUTCOME_KEY] = outcome
+    if outcome.exit_code and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,39 +291,24 @@ def share_cores(workers: int) -> None:
         torch.set_num_threads(threads)
 
 
-def worker_payload(runner: Runner, bench: BenchSession | None) -> str:
+def worker_payload(checks: CheckSession, bench: BenchSession | None) -> str:
     """What a worker ran, pickled for execnet (which carries plain strings)."""
-    state = {"results": runner.results, "mtp_runs": runner.mtp_runs,
-             "slope_verdicts": runner.slope_verdicts, "findings": runner.findings,
-             "checks": runner.verdict.checks,
+    state = {"results": checks.results, "mtp_runs": checks.mtp_runs,
+             "slope_verdicts": checks.slope_verdicts, "findings": checks.findings,
+             "checks": checks.verdict.checks,
              "bench": (bench.rounds, bench.bases) if bench is not None else None}
     return base64.b64encode(pickle.dumps(state)).decode("ascii")
 
 
-def order_results(runner: Runner, modes: list[str]) -> None:
-    """One order for results and verdicts whatever ran them (serial or across xdist workers):
-    case, prompt, candidate, then the checks in --modes order."""
-    rank = {m: i for i, m in enumerate(modes)}
-
-    def key(case: str, prompt: str, candidate: str, mode: str) -> tuple:
-        return case, prompt, candidate, rank.get(mode, len(rank)), mode
-
-    runner.results.sort(key=lambda r: key(r.case, r.prompt, r.candidate, r.mode))
-    runner.verdict.checks.sort(key=lambda c: key(c.case, c.prompt, c.candidate, c.check))
-    runner.mtp_runs.sort(key=lambda r: (r.case, r.prompt, r.backend))
-    runner.slope_verdicts.sort(key=lambda v: v.backend)
-    runner.findings.sort()
-
-
-def merge_payload(runner: Runner, bench: BenchSession | None, payload: str) -> None:
+def merge_payload(checks: CheckSession, bench: BenchSession | None, payload: str) -> None:
     state = pickle.loads(base64.b64decode(payload))
-    runner.results.extend(state["results"])
-    known = _mtp_keys(runner)
-    runner.mtp_runs.extend(r for r in state["mtp_runs"]
+    checks.results.extend(state["results"])
+    known = _mtp_keys(checks)
+    checks.mtp_runs.extend(r for r in state["mtp_runs"]
                            if (r.case, r.prompt, r.backend) not in known)
-    runner.slope_verdicts.extend(state["slope_verdicts"])
-    runner.findings.extend(f for f in state["findings"] if f not in runner.findings)
-    runner.verdict.extend(state["checks"])
+    checks.slope_verdicts.extend(state["slope_verdicts"])
+    checks.note(*state["findings"])
+    checks.verdict.extend(state["checks"])
     if bench is not None and state["bench"] is not None:
         rounds, bases = state["bench"]
         bench.rounds.update(rounds)
@@ -424,15 +322,6 @@ def pytest_testnodedown(node: Any, error: object) -> None:
     if payload:
         config = node.config
         merge_payload(config.stash[RUNNER_KEY], config.stash.get(BENCH_KEY, None), payload)
-
-
-def family_findings(family: str) -> list[str]:
-    """What had to be normalised for a family's checkpoints to load in every backend."""
-    if family != "ling3":
-        return []
-    from references.ling3.normalize import normalisation_findings
-
-    return [f"Ling 3.0 checkpoint normalised: {f}" for f in normalisation_findings()]
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -449,8 +338,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 def _bench_summary(terminalreporter, config: pytest.Config, bench: BenchSession) -> None:
     """--benchmark: the sweep's table (llama-batched-bench columns, roofline) and report."""
     from harness.checks.cases import load_case
-    from harness.cli.sweep import throughput_section
     from harness.perf.bench_import import to_batched_bench_markdown
+    from harness.perf.sections import throughput_section
     from harness.perf.sweep import save_sweep
     from harness.report.run_folder import write_run
 
@@ -473,57 +362,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         return
     if (bench := config.stash.get(BENCH_KEY, None)) is not None:
         _bench_summary(terminalreporter, config, bench)
-    runner = config.stash.get(RUNNER_KEY, None)
-    if runner is None or not runner.ran_anything:
+    checks = config.stash.get(RUNNER_KEY, None)
+    outcome = config.stash.get(OUTCOME_KEY, None)
+    if checks is None or outcome is None:
         return
-    print_summary(runner.results, runner.findings, write=terminalreporter.write)
-    sections = []
-    if runner.mtp_runs:
-        from harness.checks.mtp import mtp_section
-
-        sections.append(mtp_section(runner.mtp_runs))
-    if runner.slope_verdicts:
-        from harness.checks.slope_diagnostics import slope_section
-
-        sections.append(slope_section(runner.slope_verdicts))
-    gate_summary = None
-    if gated := config.stash.get(GATE_KEY, None):
+    print_summary(checks.results, checks.findings, write=terminalreporter.write)
+    if outcome.gate is not None:
         from harness.cli.gate import regressions_text
-        from harness.report.page import GateSummary
 
-        baseline, regressions = gated
-        terminalreporter.write(regressions_text(regressions, baseline))
-        gate_summary = GateSummary(baseline=str(baseline), regressions=regressions)
-    root = config.getoption("--report-dir")
-    if root:
-        from harness.cli.main import summary_json
-        from harness.report.run_folder import write_run
-
-        def save_mtp_table(folder: Path) -> None:
-            if runner.mtp_runs:
-                from harness.checks.mtp import mtp_frame, save_mtp
-
-                save_mtp(mtp_frame(runner.mtp_runs), folder)
-
-        summary = {**summary_json(runner.results, runner.verdict), "findings": runner.findings}
-        if gate_summary is not None:
-            summary["gate"] = {"baseline": gate_summary.baseline, "passed": gate_summary.passed,
-                               "regressions": len(gate_summary.regressions)}
-        out = write_run(
-            runner.results, Path(root), title="bailing-parity: parity suite",
-            findings=runner.findings, environment=environment(), sections=sections,
-            verdict=runner.verdict, summary=summary, extra=save_mtp_table, gate=gate_summary,
-        )
-        terminalreporter.write_line(f"parity report: {out / 'index.html'}")
-    terminalreporter.write_line(f"parity verdict: {runner.verdict.headline()}")
-
-
-def environment() -> dict[str, str]:
-    """What the run ran on: recorded in every report."""
-    env = {"python": platform.python_version(), "machine": platform.platform()}
-    for dist in ("torch", "mlx", "mlx-lm", "numpy", "llama-cpp-python"):
-        try:
-            env[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            env[dist] = "not installed"
-    return env
+        terminalreporter.write(regressions_text(outcome.gate.regressions,
+                                                outcome.gate.baseline))
+    if outcome.folder is not None:
+        terminalreporter.write_line(f"parity report: {outcome.folder / 'index.html'}")
+    terminalreporter.write_line(f"parity verdict: {checks.verdict.headline()}")

@@ -80,9 +80,12 @@ def _cell(row: dict, tolerance: float, first: str | None) -> HeatmapCell:
     return HeatmapCell(str(row["point"]), color, title, css)
 
 
-def heatmap(table: pd.DataFrame, first_divergence: str | None) -> Heatmap:
-    """The heatmap of one pair's per-point table (``PairResult.table``)."""
-    tolerance = float(table.attrs.get("tolerance", {}).get("nmse", 1e-6)) or 1e-6
+def heatmap(
+    table: pd.DataFrame, first_divergence: str | None, tolerance: float | None = None
+) -> Heatmap:
+    """The heatmap of one pair's per-point table (``PairResult.table``), coloured against its
+    NMSE ``tolerance`` (``PairResult.tolerance.nmse``; 1e-6 when none is known)."""
+    tolerance = float(tolerance or 0) or 1e-6
     records = table.to_dict("records")
     per_layer: dict[str, dict[int, HeatmapCell]] = {}
     order: dict[str, int] = {}

@@ -7,35 +7,43 @@ pair a layer × capture-point heatmap with its tables collapsed unless the pair 
 are inline SVG drawn by matplotlib without pyplot, heatmaps are HTML tables, and the page
 carries its own CSS and a few lines of filtering script, so the file opens offline and can be
 attached to an issue as is.
+
+Sections are data: each check or perf module returns a typed object naming its partial under
+``templates/sections/``, and only Jinja (autoescaping on) turns it into HTML.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
-import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jinja2
-import matplotlib as mpl
 import numpy as np
 import pandas as pd
-from markupsafe import Markup
-from matplotlib.figure import Figure
 
-from harness.checks.compare import PairResult, explain_divergence
+from harness.checks.compare import PairResult
+from harness.core.capture_points import explain_divergence
 from harness.core.verdict import CheckVerdict, RunVerdict, Status
+from harness.report.charts import inline_svg
 from harness.report.findings import group_findings
+from harness.report.format import fmt_number, is_missing
 from harness.report.heatmap import heatmap
 from harness.report.heatmap import legend as heatmap_legend
 
-__all__ = ["GateSummary", "Section", "free_run_dir", "render_report", "write_report"]
+__all__ = [
+    "GateSummary",
+    "Section",
+    "free_run_dir",
+    "render_report",
+    "render_section",
+    "write_report",
+]
 
 _TEMPLATES = Path(__file__).parent / "templates"
 _TEMPLATE = "report.html.j2"
@@ -55,15 +63,16 @@ _KLD_KEYS: tuple[str, ...] = (
 # Run directories
 
 
-@dataclass(frozen=True)
-class Section:
-    """A report section produced by another module (throughput, MTP, gate): a title and the
-    HTML it renders itself. The HTML is inserted as is, so it must come from our own code and
-    escape any user text (``markupsafe.escape``); charts go in as inline SVG in a
-    ``<div class="chart">``."""
+@runtime_checkable
+class Section(Protocol):
+    """A report section produced by another module (throughput, MTP, slopes, gate): its data,
+    a title, and the partial under ``templates/sections/`` that renders it (as ``s``)."""
 
-    title: str
-    html: str
+    @property
+    def title(self) -> str: ...
+
+    @property
+    def template(self) -> str: ...
 
 
 def _timestamp() -> str:
@@ -81,26 +90,6 @@ def free_run_dir(reports_root: Path, name: str | None = None) -> Path:
         if not candidate.exists():
             return candidate
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-# --------------------------------------------------------------------------------------------
-# Charts of other sections
-
-
-def _inline_svg(fig: Figure, prefix: str) -> str:
-    """The figure as an SVG element for inline HTML, with ids made unique per chart."""
-    buf = io.StringIO()
-    with mpl.rc_context({"svg.fonttype": "none", "svg.hashsalt": prefix}):
-        fig.savefig(buf, format="svg", metadata={"Date": None})
-    svg = buf.getvalue()
-    svg = svg[svg.index("<svg") :]
-    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.DOTALL)
-    # Inline SVG in HTML needs no namespace declarations; dropping them keeps the page URL-free.
-    svg = re.sub(r'\s+xmlns(?::\w+)?="[^"]*"', "", svg)
-    svg = re.sub(r'\bid="([^"]+)"', rf'id="{prefix}-\1"', svg)
-    svg = re.sub(r'href="#([^"]+)"', rf'href="#{prefix}-\1"', svg)
-    svg = re.sub(r"url\(#([^)]+)\)", rf"url(#{prefix}-\1)", svg)
-    return svg.replace("<svg", f'<svg role="img" aria-label="per-layer NMSE ({prefix})"', 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,13 +210,6 @@ def _matrix(
 # Context
 
 
-def _fmt(value: Any, spec: str) -> str:
-    """A number for a table cell; blank dash for 'not applicable'."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return "–"
-    return format(float(value), spec)
-
-
 def _point_rows(table: pd.DataFrame, first: str | None) -> list[dict[str, Any]]:
     rows = []
     for rec in table.to_dict("records"):
@@ -236,13 +218,13 @@ def _point_rows(table: pd.DataFrame, first: str | None) -> list[dict[str, Any]]:
             {
                 "point": rec["point"],
                 "kind": rec["kind"],
-                "nmse": _fmt(rec["nmse"], ".2e"),
-                "max_abs": _fmt(rec["max_abs"], ".2e"),
-                "cosine": _fmt(rec["cosine"], ".9f"),
-                "top1": _fmt(rec["top1"], ".4f"),
-                "index_agreement": _fmt(rec["index_agreement"], ".4f"),
-                "mean_kld": _fmt(rec["mean_kld"], ".2e"),
-                "kld_max": _fmt(rec["kld_max"], ".2e"),
+                "nmse": fmt_number(rec["nmse"], ".2e"),
+                "max_abs": fmt_number(rec["max_abs"], ".2e"),
+                "cosine": fmt_number(rec["cosine"], ".9f"),
+                "top1": fmt_number(rec["top1"], ".4f"),
+                "index_agreement": fmt_number(rec["index_agreement"], ".4f"),
+                "mean_kld": fmt_number(rec["mean_kld"], ".2e"),
+                "kld_max": fmt_number(rec["kld_max"], ".2e"),
                 "threshold": rec["threshold"],
                 "passed": bool(rec["passed"]),
                 "css": css,
@@ -253,7 +235,7 @@ def _point_rows(table: pd.DataFrame, first: str | None) -> list[dict[str, Any]]:
 
 
 def _pair_context(r: PairResult, anchor: str, status: str) -> dict[str, Any]:
-    tol = r.table.attrs.get("tolerance", {})
+    tol = r.tolerance
     return {
         "anchor": anchor,
         "case": r.case,
@@ -266,11 +248,12 @@ def _pair_context(r: PairResult, anchor: str, status: str) -> dict[str, Any]:
         "summary": r.summary_line().split(": ", 1)[-1],  # the pair is named in the title
         "first_divergence": r.first_divergence,
         "explanation": explain_divergence(r.first_divergence) if r.first_divergence else "",
-        "tolerance": ", ".join(f"{k} {v:g}" for k, v in tol.items()),
-        "only_candidate": r.table.attrs.get("only_candidate", []),
-        "only_reference": r.table.attrs.get("only_reference", []),
-        "kld": [(k, _fmt(r.kld[k], ".3e")) for k in _KLD_KEYS if k in r.kld],
-        "heatmap": heatmap(r.table, r.first_divergence),
+        "tolerance": ", ".join(f"{f.name} {getattr(tol, f.name):g}" for f in fields(tol))
+        if tol is not None else "",
+        "only_candidate": list(r.only_candidate),
+        "only_reference": list(r.only_reference),
+        "kld": [(k, fmt_number(r.kld[k], ".3e")) for k in _KLD_KEYS if k in r.kld],
+        "heatmap": heatmap(r.table, r.first_divergence, tol.nmse if tol is not None else None),
         "rows": _point_rows(r.table, r.first_divergence),
         "n_failing": int((~r.table["passed"].astype(bool)).sum()) if not r.table.empty else 0,
     }
@@ -335,20 +318,31 @@ def _context(
         "greedy_all_passed": all(c.status == Status.PASSED for c in greedy),
         "legend": heatmap_legend(),
         "sections": [
-            {"title": s.title, "anchor": f"section-{i}", "html": Markup(s.html)}  # trusted: ours
+            {"title": s.title, "anchor": f"section-{i}", "data": s,
+             "template": f"sections/{s.template}"}
             for i, s in enumerate(sections, start=1)
         ],
     }
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    """The one Jinja environment: autoescaping on, the number formatter and charts as filters."""
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(_TEMPLATES),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["num"] = fmt_number
+    env.filters["svg"] = inline_svg
+    env.tests["missing"] = is_missing
+    return env
+
+
+def render_section(section: Section) -> str:
+    """One section's body as HTML, as the report renders it (for tests and other pages)."""
+    return _environment().get_template(f"sections/{section.template}").render(s=section)
 
 
 def render_report(

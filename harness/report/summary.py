@@ -1,14 +1,18 @@
-"""The one-screen summary table printed after a parity run (pytest, nox and the CLI)."""
+"""The one-screen summary table printed after a parity run (pytest, nox and the CLI), and the
+run's ``summary.json``."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from harness.checks.compare import PairResult
+from harness.core.capture_points import explain_divergence
+from harness.core.verdict import RunVerdict
 
 
 def summary_table(results: Sequence[PairResult]) -> Table:
@@ -42,3 +46,25 @@ def print_summary(
     for f in dict.fromkeys(findings):
         console.print(f"finding: {f}")
     write("\n" + buf.getvalue())
+
+
+def summary_json(results: Sequence[PairResult], verdict: RunVerdict) -> dict:
+    """The run's verdict (harness.core.verdict: the one source of ``passed`` and the exit code),
+    then per pair: first divergence (name or null), NMSE per capture point, top-1 agreement."""
+    pairs = {}
+    for r in results:
+        key = f"{r.candidate} vs {r.reference}" + ("" if r.mode == "prefill" else f" ({r.mode})")
+        t = r.table
+        logits = t[t["point"] == "result_output"]
+        pairs[key] = {
+            "candidate": r.candidate,
+            "reference": r.reference,
+            "mode": r.mode,
+            "passed": bool(r.passed),
+            "first_divergence": r.first_divergence,
+            "explanation": explain_divergence(r.first_divergence) if r.first_divergence else None,
+            "nmse": {p: float(v) for p, v in zip(t["point"], t["nmse"], strict=True)
+                     if not np.isnan(v)},
+            "top1_agreement": float(logits["top1"].iloc[0]) if len(logits) else None,
+        }
+    return {**verdict.to_json(), "pairs": pairs}

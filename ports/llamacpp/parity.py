@@ -1,11 +1,15 @@
 """Run one Ling-2.6 case through our llama.cpp port and the float64 reference, point by point.
 
 ``python -m ports.llamacpp.parity [CASE ...] [--outtype f32|f16|q8_0] [--kv f32|f16]`` prints the
-worst NMSE per layer (prefill), the logits figures (prefill and each decode step) and the decode
-tokens; the test module uses :func:`run_case` directly.
+worst NMSE per layer (prefill), the logits figures (prefill and decode) and the router ids; the
+test module uses :func:`run_case` directly.
 
-Decode: the reference's greedy token is fed to both sides at every step, so a single late
-argmax flip cannot derail the comparison of the following steps; top-1 agreement is reported.
+A thin driver over the harness's own machinery: our port is the ``llamacpp`` backend on our
+patched build and our converter's GGUF (:func:`port_target`), judged by the check session's
+prefill and decode checks (:mod:`harness.checks.session`) with :mod:`harness.checks.compare`'s
+metrics, exactly as ``python -m harness parity`` and the pytest suite judge any port.  Decode
+prefills the prompt minus ``decode_steps`` tokens and feeds the rest one at a time through the
+port's cache, every capture point of every step compared with the reference's forward.
 """
 
 from __future__ import annotations
@@ -14,77 +18,76 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from harness.backends.targets import REFERENCE, Target
 from harness.checks.cases import CASES_DIR, load_case, materialize
+from harness.checks.compare import PairResult
+from harness.checks.session import CheckSession, Subject
 from harness.core import capture_points
 from harness.core.capture_points import Kind
+from harness.core.errors import PortFailure
+from harness.core.metrics import nmse
+from harness.core.verdict import Status
 from harness.llamacpp import build
-from harness.llamacpp.client import ContextParams, WorkerClient
-from harness.llamacpp.names import to_canonical, wanted_names
 from ports.llamacpp import port
 
 TRUNK_POINTS = ("result_norm", "result_output")
 
 
-def nmse(cand: np.ndarray, ref: np.ndarray) -> float:
-    ref = np.asarray(ref, dtype=np.float64)
-    cand = np.asarray(cand, dtype=np.float64).reshape(ref.shape)
-    den = float(np.sum(ref * ref))
-    num = float(np.sum((cand - ref) ** 2))
-    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+def port_target(checkpoint: Path, *, site: Path, outtype: str = "f32", kv: str = "f32",
+                n_ubatch: int = 512) -> Target:
+    """Our port as a harness target: the llama.cpp backend on our patched build (``site``),
+    running our converter's GGUF of ``checkpoint`` with a ``kv`` cache."""
+    gguf = port.converted(checkpoint, outtype)
+    options = {"site": str(site), "gguf": str(gguf), "type_k": kv}
+    if n_ubatch != 512:
+        options.update(n_batch=str(n_ubatch), n_ubatch=str(n_ubatch))
+    return Target.parse("llamacpp-float32", options)
 
 
 @dataclass
 class CaseResult:
+    """The session's prefill and decode checks of our port on one case's prompt."""
+
     case: str
     outtype: str
     kv: str
     n_prompt: int
-    # canonical -> NMSE (INDEX points: fraction of rows whose id sets differ)
-    points: dict[str, float] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)  # reference points the port did not produce
-    layer_worst: dict[int, tuple[str, float]] = field(default_factory=dict)
-    prefill_logits_nmse: float = 0.0
-    prefill_top1: float = 0.0
-    decode_logits_nmse: list[float] = field(default_factory=list)
-    decode_top1: list[bool] = field(default_factory=list)
-    decode_l_out_worst: float = 0.0
-    decode_tokens: list[int] = field(default_factory=list)
+    prefill: PairResult
+    decode: PairResult
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def worst(self) -> tuple[str, float]:
-        dense = {
-            k: v for k, v in self.points.items() if capture_points.kind_of(k) is not Kind.INDEX
-        }
-        k = max(dense, key=dense.__getitem__)
-        return k, dense[k]
+    @property
+    def pairs(self) -> tuple[PairResult, PairResult]:
+        return self.prefill, self.decode
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.pairs)
+
+    @property
+    def missing(self) -> list[str]:
+        """Reference points the port did not produce (prefill or decode)."""
+        return sorted({name for p in self.pairs for name in p.only_reference})
+
+    def dense(self, pair: PairResult) -> dict[str, float]:
+        """Point -> NMSE of the dense points of one check."""
+        t = pair.table[pair.table["kind"] != Kind.INDEX.value]
+        return dict(zip(t["point"], t["nmse"].astype(float), strict=True))
 
     def index_mismatch(self) -> float:
-        idx = [v for k, v in self.points.items() if capture_points.kind_of(k) is Kind.INDEX]
-        return max(idx, default=0.0)
+        """The worst fraction of rows whose router ids differ, over both checks."""
+        rows = [p.table[p.table["kind"] == Kind.INDEX.value] for p in self.pairs]
+        return max((1.0 - float(r["index_agreement"].min()) for r in rows if len(r)),
+                   default=0.0)
 
-
-def _compare(result: CaseResult, cand: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
-    for name in capture_points.in_forward_order(set(ref)):
-        if name not in cand:
-            result.missing.append(name)
-            continue
-        r = ref[name].reshape(ref[name].shape[0], -1)
-        c = cand[name].reshape(r.shape)
-        if capture_points.kind_of(name) is Kind.INDEX:
-            value = float(np.mean(np.any(np.sort(c, 1) != np.sort(r, 1), axis=1)))
-        else:
-            value = nmse(c, r)
-        result.points[name] = value
-        layer = capture_points.layer_of(name)
-        if layer is not None and capture_points.kind_of(name) is not Kind.INDEX:
-            prev = result.layer_worst.get(layer)
-            if prev is None or value > prev[1]:
-                result.layer_worst[layer] = (capture_points.parse(name)[0].stem, value)
+    def top1(self, pair: PairResult) -> float:
+        logits = pair.table[pair.table["point"] == "result_output"]
+        return float(logits["top1"].iloc[0]) if len(logits) else float("nan")
 
 
 def run_case(
@@ -97,63 +100,33 @@ def run_case(
     decode_steps: int | None = None,
     n_ubatch: int = 512,
 ) -> CaseResult:
-    """Prefill the case's prompt, then greedy-decode, in both; compare every canonical point."""
-    from references.model import BailingHybridReference
+    """The session's prefill and decode checks of our port against the float64 reference."""
+    from harness.checks.slope_convention import case_convention
 
     case = load_case(CASES_DIR / f"{case_name}.toml")
-    checkpoint = materialize(case)
-    prompt = list(case.prompts[prompt_index].tokens)
-    steps = case.decode_steps if decode_steps is None else decode_steps
+    subject = Subject.from_case(case, case.prompts[prompt_index].name)
+    if decode_steps is not None:
+        subject = replace(subject, decode_steps=decode_steps)
     site = site or build.ensure_site(patches=port.patches())
     t0 = time.monotonic()
-    gguf = port.converted(checkpoint, outtype)
-    result = CaseResult(case_name, outtype, kv, len(prompt))
-    result.seconds["convert"] = time.monotonic() - t0
-
-    ref_model = BailingHybridReference.from_checkpoint(checkpoint)
-    n_layers = ref_model.n_layers
-    canonical = capture_points.all_points(n_layers)
-    session = ref_model.start(canonical)
-    t0 = time.monotonic()
-    ref_caps = session.feed(prompt)
-    result.seconds["reference_prefill"] = time.monotonic() - t0
-
-    n_ctx = len(prompt) + steps + 8
-    params = ContextParams(
-        n_ctx=n_ctx,
-        n_batch=min(n_ctx, n_ubatch),
-        n_ubatch=min(n_ctx, n_ubatch),
-        type_k=kv,
-        type_v=kv,
-    )
-    with WorkerClient(site=site, label="llama.cpp (ours-bailing_hybrid)") as w:
-        info = w.load(gguf, params)
-        assert info["arch"] == port.ARCH, info
-        t0 = time.monotonic()
-        out = w.feed(prompt, wanted_names(port.NAMES, canonical))
-        result.seconds["port_prefill"] = time.monotonic() - t0
-        cand = to_canonical(port.NAMES, out.tensors, canonical, len(prompt))
-        _compare(result, cand, ref_caps)
-        ref_logits = ref_caps["result_output"]
-        result.prefill_logits_nmse = nmse(out.logits, ref_logits)
-        result.prefill_top1 = float(np.mean(out.logits.argmax(-1) == ref_logits.argmax(-1)))
-
-        last = ref_logits[-1]
-        l_out = [f"l_out-{i}" for i in range(n_layers)]
-        for _ in range(steps):
-            tok = int(np.argmax(last))
-            result.decode_tokens.append(tok)
-            ref_step = session.feed([tok])
-            step = w.feed([tok], wanted_names(port.NAMES, l_out))
-            got = to_canonical(port.NAMES, step.tensors, l_out, 1)
-            for name in l_out:
-                result.decode_l_out_worst = max(
-                    result.decode_l_out_worst, nmse(got[name], ref_step[name])
-                )
-            last = ref_step["result_output"][-1]
-            result.decode_logits_nmse.append(nmse(step.logits[-1], last))
-            result.decode_top1.append(int(step.logits[-1].argmax()) == int(last.argmax()))
-    return result
+    candidate = port_target(materialize(case), site=site, outtype=outtype, kv=kv,
+                            n_ubatch=n_ubatch)
+    seconds = {"convert": time.monotonic() - t0}
+    reference = case_convention(case).target(Target.parse(REFERENCE))
+    session = CheckSession()
+    pairs = {}
+    try:
+        for mode in ("prefill", "decode"):
+            t0 = time.monotonic()
+            result = session.run(mode, subject, candidate, reference)
+            seconds[mode] = time.monotonic() - t0
+            if result.status in (Status.ERROR, Status.SKIPPED):
+                raise PortFailure(f"{case_name} {mode}: {result.message}")
+            pairs[mode] = result.result
+    finally:
+        session.release()
+    return CaseResult(case_name, outtype, kv, len(subject.tokens), pairs["prefill"],
+                      pairs["decode"], seconds)
 
 
 @dataclass
@@ -178,7 +151,7 @@ def run_mtp_case(
     """The MTP head (reference math of doc section 3.1) through our port's MTP context, driven
     as serving drives it (:meth:`harness.llamacpp.mtp.LlamaCppMtpModel.capture_calls`)."""
     from harness.backends.base import BackendOptions
-    from harness.llamacpp.mtp import load_llamacpp_mtp
+    from harness.backends.llamacpp_mtp import load_llamacpp_mtp
     from references.model import BailingHybridReference
 
     case = load_case(CASES_DIR / f"{case_name}.toml")
@@ -246,22 +219,23 @@ def _fmt_mtp(r: MTPResult) -> str:
 
 def _fmt(r: CaseResult) -> str:
     lines = [f"== {r.case} ({r.outtype} GGUF, {r.kv} KV, prompt {r.n_prompt} tok) =="]
-    for layer in sorted(r.layer_worst):
-        stem, v = r.layer_worst[layer]
-        lines.append(f"  layer {layer:2d}: worst {v:.2e} ({stem})")
+    table = r.prefill.table
+    dense = table[(table["kind"] != Kind.INDEX.value) & table["layer"].notna()]
+    for layer, rows in dense.groupby("layer"):
+        worst = rows.loc[rows["nmse"].idxmax()]
+        stem = capture_points.parse(str(worst["point"]))[0].stem
+        lines.append(f"  layer {int(layer):2d}: worst {worst['nmse']:.2e} ({stem})")
+    points = r.dense(r.prefill)
     for name in TRUNK_POINTS:
-        if name in r.points:
-            lines.append(f"  {name}: {r.points[name]:.2e}")
+        if name in points:
+            lines.append(f"  {name}: {points[name]:.2e}")
     lines.append(
         f"  router ids mismatch rows: {r.index_mismatch():.3f}; missing: {r.missing or '-'}"
     )
-    lines.append(f"  prefill logits NMSE {r.prefill_logits_nmse:.2e}, top1 {r.prefill_top1:.3f}")
-    if r.decode_logits_nmse:
-        lines.append(
-            f"  decode {len(r.decode_tokens)} steps: worst logits NMSE "
-            f"{max(r.decode_logits_nmse):.2e}, worst l_out {r.decode_l_out_worst:.2e}, "
-            f"top1 {sum(r.decode_top1)}/{len(r.decode_top1)}"
-        )
+    for pair in r.pairs:
+        worst = max(r.dense(pair).values(), default=float("nan"))
+        lines.append(f"  {pair.mode}: worst NMSE {worst:.2e}, logits top1 {r.top1(pair):.3f}, "
+                     f"{'PASS' if pair.passed else 'FAIL'}")
     lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()))
     return "\n".join(lines)
 
@@ -292,8 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(_fmt(r), flush=True)
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1, default=str))
-    return 0
+        args.json.write_text(json.dumps([_json(r) for r in results], indent=1, default=str))
+    return 0 if all(getattr(r, "passed", True) for r in results) else 1
+
+
+def _json(r: CaseResult | MTPResult) -> dict:
+    if isinstance(r, MTPResult):
+        return asdict(r)
+    return {"case": r.case, "outtype": r.outtype, "kv": r.kv, "n_prompt": r.n_prompt,
+            "passed": r.passed, "missing": r.missing, "seconds": r.seconds,
+            **{p.mode: {"passed": p.passed, "first_divergence": p.first_divergence,
+                        "top1": r.top1(p), "nmse": r.dense(p)} for p in r.pairs}}
 
 
 if __name__ == "__main__":

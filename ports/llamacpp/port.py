@@ -24,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness.core.atomic import locked
+from harness.core import cache
+from harness.core.atomic import locked, staged_dir
 from harness.llamacpp import build
 from harness.llamacpp.names import PortNames
 
@@ -107,7 +108,7 @@ def _git_env(root: Path) -> dict[str, str]:
 
 def init_work_tree(dest: Path | None = None, version: str = build.DEFAULT_VERSION) -> Path:
     """A git repo holding the pristine vendored llama.cpp as its only commit (for development)."""
-    dest = Path(dest or Path.home() / ".cache" / "bailing-parity" / "port-work" / "llama.cpp")
+    dest = Path(dest or cache.root() / "port-work" / "llama.cpp")
     if (dest / ".git").is_dir():
         return dest
     src = build.sdist_tree(version) / "vendor" / "llama.cpp"
@@ -145,12 +146,7 @@ def converter_tree(series: list[Path] | None = None, version: str = build.DEFAUL
 
 def _build_converter_tree(root: Path, series: list[Path], version: str) -> Path:
     src = build.sdist_tree(version) / "vendor" / "llama.cpp"
-    tmp = Path(
-        tempfile.mkdtemp(
-            prefix=".convert-", dir=root.parent if root.parent.exists() else _mkdir(root.parent)
-        )
-    )
-    try:
+    with staged_dir(root, replace=True) as tmp:
         for part in _PY_PARTS:
             s = src / part
             (shutil.copytree if s.is_dir() else shutil.copy2)(s, tmp / part)
@@ -168,17 +164,7 @@ def _build_converter_tree(root: Path, series: list[Path], version: str) -> Path:
             if proc.returncode != 0:
                 raise build.BuildError(f"applying {p} to the converter tree failed:\n{proc.stderr}")
         (tmp / ".complete").write_text("\n".join(str(p) for p in series))
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -12,12 +12,12 @@ which one.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.core.errors import InputError
-from references.config import read_config_json
+from references.config import read_config_json, typed_values
 
 ARCHITECTURE = "BailingMoeV3ForCausalLM"
 TRANSFORMERS_ARCHITECTURE = "BailingHybridForCausalLM"  # what transformers' save_pretrained writes
@@ -111,35 +111,6 @@ class Ling3Config:
         return range(n, n + self.num_nextn_predict_layers)
 
 
-_REQUIRED = [f.name for f in fields(Ling3Config) if f.default is MISSING]
-
-
-def _check_type(path: Path, key: str, value: Any, annotation: str) -> Any:
-    if value is None and "None" in annotation:
-        return None
-    where = f"{path}: key {key!r}"
-    if annotation.startswith("bool"):
-        if not isinstance(value, bool):
-            raise InputError(f"{where} must be true or false, got {value!r}")
-    elif annotation.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where} must be an integer, got {value!r}")
-    elif annotation.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where} must be a number, got {value!r}")
-        value = float(value)
-    elif annotation.startswith("str"):
-        if not isinstance(value, str):
-            raise InputError(f"{where} must be a string, got {value!r}")
-    elif annotation.startswith("list"):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InputError(f"{where} must be a list of strings, got {value!r}")
-        value = list(value)
-    elif annotation.startswith("dict") and not isinstance(value, dict):
-        raise InputError(f"{where} must be a table/object, got {value!r}")
-    return value
-
-
 def config_from_dict(raw: dict[str, Any], path: Path) -> Ling3Config:
     """Validate a parsed Ling 3.0 config.json (or a case's [config]); errors name path and key."""
     archs = raw.get("architectures") or []
@@ -150,15 +121,7 @@ def config_from_dict(raw: dict[str, Any], path: Path) -> Ling3Config:
             f"{path}: 'architectures' is {archs!r}; Ling 3.0 is {ARCHITECTURE} "
             f"(transformers writes {TRANSFORMERS_ARCHITECTURE})"
         )
-    missing = [k for k in _REQUIRED if k not in raw]
-    if missing:
-        raise InputError(f"{path}: missing required key(s) {', '.join(map(repr, missing))}")
-    values = {
-        f.name: _check_type(path, f.name, raw[f.name], str(f.type))
-        for f in fields(Ling3Config)
-        if f.name in raw
-    }
-    cfg = Ling3Config(**values)
+    cfg = Ling3Config(**typed_values(Ling3Config, raw, path))
     _check_consistency(cfg, path)
     return cfg
 

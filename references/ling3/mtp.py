@@ -303,12 +303,21 @@ def mtp_variant(extra: dict[str, str]) -> tuple[Variant, dict[str, str]]:
     return mutations()[name], extra
 
 
-def load_ling3_mtp(
-    checkpoint_dir: Path, options: Any, label: str = "torch-float64"
-) -> Ling3ReferenceMtpModel:
-    """transformers' trunk in ``options.dtype`` plus our head from ``model.layers.{L}``."""
-    from harness.backends.transformers_ling3 import load_ling3
+# (checkpoint dir, options without ``variant``) -> the loaded trunk, whose ``.model`` is
+# transformers' BailingHybridForCausalLM (harness.backends.transformers_ling3.load_ling3).
+TrunkLoader = Callable[[Path, Any], Any]
 
+
+def load_ling3_mtp(
+    checkpoint_dir: Path,
+    options: Any,
+    label: str = "torch-float64",
+    *,
+    load_trunk: TrunkLoader,
+) -> Ling3ReferenceMtpModel:
+    """transformers' trunk in ``options.dtype`` plus our head from ``model.layers.{L}``.
+
+    The caller passes the trunk's loader: the reference never imports a backend."""
     checkpoint_dir = Path(checkpoint_dir)
     variant, extra = mtp_variant(options.extra)
     cfg = load_config(checkpoint_dir)
@@ -317,7 +326,7 @@ def load_ling3_mtp(
             f"{checkpoint_dir / 'config.json'}: num_nextn_predict_layers is 0: no MTP head to "
             "draft with"
         )
-    trunk = load_ling3(checkpoint_dir, replace(options, extra=extra))
+    trunk = load_trunk(checkpoint_dir, replace(options, extra=extra))
     hf = trunk.model
     embed = hf.model.embed_tokens.weight.detach()
     weights = read_mtp_weights(checkpoint_dir, cfg, embed.dtype, str(embed.device))

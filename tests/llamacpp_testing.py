@@ -1,4 +1,5 @@
-"""Tiny GGUF files written directly with ``gguf.GGUFWriter`` (no converter, no tokenizer).
+"""Test helpers for llama.cpp: tiny GGUF files written directly with ``gguf.GGUFWriter`` (no
+converter, no tokenizer), and :func:`require_llamacpp` (skip, or fail under CI's flag).
 
 The worker's plumbing (callback capture, logits, cache continuity, crash handling) is tested on
 a 2-layer random **llama**-architecture model: llama.cpp's most stable graph, so a failure
@@ -8,11 +9,15 @@ points at the harness rather than at a port.  ``tokenizer.ggml.model = "no_vocab
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from harness.llamacpp.build import missing_llamacpp
 
 
 @dataclass(frozen=True)
@@ -253,28 +258,11 @@ def write_tiny_bailingmoe3(
 REQUIRE_ENV = "BAILING_PARITY_REQUIRE_LLAMACPP"
 
 
-def missing_llamacpp() -> str | None:
-    """Why the llama.cpp tests cannot run here (None when they can); imports nothing native."""
-    import importlib.util
-
-    for mod, how in (
-        ("llama_cpp", "python -m harness.llamacpp.build --install"),
-        ("gguf", "pip install gguf"),
-    ):
-        if importlib.util.find_spec(mod) is None:
-            return f"{mod} is not importable; install with: {how}"
-    return None
-
-
 def require_llamacpp() -> None:
     """Skip the calling test when llama.cpp is absent, or fail it if ``$REQUIRE_ENV=1``.
 
     CI that installs the backend sets the variable, so a broken install cannot pass as skips.
     """
-    import os
-
-    import pytest
-
     reason = missing_llamacpp()
     if reason is None:
         return
