@@ -80,11 +80,16 @@ class Routing:
     weights: torch.Tensor  # [T, k]
     scores: torch.Tensor  # [T, E] selection scores: p + bias, -inf in dropped groups
     own_ids: torch.Tensor  # [T, k] int64, sorted; equal to ids unless forced
+    # [T, E] p + bias, lowered in each dropped group by its group score's gap to the last kept
+    # group: how far each expert is from being chosen, groups included (finite everywhere)
+    tie_scores: torch.Tensor | None = None
 
     @property
     def margins(self) -> torch.Tensor:
-        """[T] distance of ``ids`` from a tie in the own selection (:func:`routing_margins`)."""
-        return routing_margins(self.scores, self.own_ids, self.ids)
+        """[T] distance of ``ids`` from a tie in the own selection (:func:`routing_margins` on
+        :attr:`tie_scores`): a near tie between groups is a small margin, not an infinite one."""
+        scores = self.scores if self.tie_scores is None else self.tie_scores
+        return routing_margins(scores, self.own_ids, self.ids)
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ def route(
     logits = F.linear(x.to(dt), router.to(dt))
     probs = torch.sigmoid(logits)
     biased = probs if expert_bias is None else probs + expert_bias.to(dt)
-    scores = biased
+    scores = tie_scores = biased
     if variant.group_limit and cfg.topk_group < cfg.n_group:
         grouped = scores.view(-1, cfg.n_group, scores.shape[-1] // cfg.n_group)
         group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
@@ -119,6 +124,8 @@ def route(
         keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)
         # -inf, not 0: a bias-corrected score may be negative.
         scores = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(scores)
+        gap = (group_score.gather(1, kept).amin(-1, keepdim=True) - group_score).clamp(min=0)
+        tie_scores = (grouped - gap[..., None]).view_as(biased)
     own = scores.topk(cfg.num_experts_per_tok, dim=-1).indices
     ids = own if forced_ids is None else _forced_in_selection_order(forced_ids, scores, cfg)
     # Unmasked: a forced id in a dropped group still gets its own (biased) score as weight.
@@ -134,6 +141,7 @@ def route(
         weights=weights.gather(1, order),
         scores=scores,
         own_ids=own_ids,
+        tie_scores=tie_scores,
     )
 
 

@@ -1,6 +1,7 @@
 """Router-forced reference runs (issue 11): the reference can run a quantized candidate's expert
 choices, so one near-tie flip does not make every later point diverge, and it says how far each
-forced choice is from a tie in its own selection (0 agreed, > 0 a flip, inf a dropped group)."""
+forced choice is from a tie in its own selection (0 agreed, > 0 a flip; an expert of a dropped
+group counts lower by its group's gap to the last kept group)."""
 
 from __future__ import annotations
 
@@ -108,18 +109,21 @@ def test_forced_ids_are_taken_in_any_order(memory_model):
 # ---- forcing a different choice on one token ----
 
 
-def _selection(model, captures: dict, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(selection scores [T, E], own ids [T, k]) of ``layer``, recomputed from its input."""
+def _selection(
+    model, captures: dict, layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(selection scores [T, E], own ids [T, k], tie scores [T, E]) of ``layer``, recomputed
+    from its input."""
     ffn = model.blocks[layer].ffn
     r = route(torch.from_numpy(captures[f"ffn_norm-{layer}"]), ffn.router, ffn.expert_bias,
               model.router_config)
-    return r.scores, r.own_ids
+    return r.scores, r.own_ids, r.tie_scores
 
 
 def _swap(model, plain: dict, replace_with: str) -> tuple[np.ndarray, float]:
     """Own ids of LAYER with TOKEN's lowest-scoring pick replaced by the best unchosen expert of
     a kept group ("kept") or by an expert of a dropped group ("dropped"); the expected margin."""
-    scores, own = _selection(model, plain, LAYER)
+    scores, own, tie = _selection(model, plain, LAYER)
     row, picks = scores[TOKEN], own[TOKEN].tolist()
     lowest = min(picks, key=lambda e: float(row[e]))
     others = [e for e in range(row.shape[0]) if e not in picks]
@@ -128,7 +132,7 @@ def _swap(model, plain: dict, replace_with: str) -> tuple[np.ndarray, float]:
         expected = float(row[lowest] - row[new])
     else:
         new = next(e for e in others if row[e] == float("-inf"))
-        expected = math.inf
+        expected = float(tie[TOKEN][lowest] - tie[TOKEN][new])  # own picks: tie == score
     ids = own.numpy().copy()
     ids[TOKEN] = [new if e == lowest else e for e in picks]
     return ids, expected
@@ -204,9 +208,10 @@ def test_margin_is_the_score_gap_for_a_forced_unchosen_expert(memory_model):
     assert (np.delete(margins, TOKEN) == 0).all()
 
 
-def test_margin_is_inf_for_an_expert_of_a_dropped_group(memory_model):
-    *_, margins, _ = _force_one_token(memory_model, "dropped")
-    assert margins[TOKEN] == math.inf
+def test_an_expert_of_a_dropped_group_counts_lower_by_its_groups_gap(memory_model):
+    *_, margins, expected = _force_one_token(memory_model, "dropped")
+    assert 0 < expected < math.inf
+    assert margins[TOKEN] == pytest.approx(expected, rel=1e-12)
     assert (np.delete(margins, TOKEN) == 0).all()
 
 
@@ -231,7 +236,10 @@ def test_route_weights_forced_ids_by_its_own_unbiased_probabilities():
     assert r.ids.tolist() == [[0, 1]]
     p = torch.sigmoid(logits[0, :2])
     torch.testing.assert_close(r.weights[0], 2.0 * p / p.sum())
-    assert r.margins.tolist() == [math.inf]  # group {0, 1} was dropped
+    # group {0, 1} was dropped: its experts count lower by the group gap, so the margin is the
+    # 5-point bias plus that gap, large and finite
+    margin = r.margins.item()
+    assert 5 < margin < math.inf
 
 
 # ---- bad input ----

@@ -43,6 +43,12 @@ from typing import Any
 from harness.core import lifecycle
 from harness.core.errors import ArchitectureNotSupported, InputError, PortFailure
 from harness.core.progress import Progress, converter_tensor, follow_log
+from harness.llamacpp.identity import (
+    checkpoint_identity,
+    file_record,
+    metadata_for,
+    record_mismatch,
+)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 STAGING_VERSION = 2  # bump when the staging rules change: invalidates cached conversions
@@ -157,9 +163,10 @@ def checkpoint_files(checkpoint: Path) -> list[Path]:
 
 
 def cache_key(checkpoint: Path, tree: Path, outtype: str) -> str:
-    """Hash of checkpoint bytes + converter sources + outtype + staging rules."""
+    """Hash of the checkpoint's identity (:func:`checkpoint_identity`: small files whole, weight
+    files by size, mtime and sampled bytes) + converter sources + outtype + staging rules."""
     h = hashlib.sha256(f"{outtype}\0{STAGING_VERSION}\0".encode())
-    _hash_files(h, checkpoint_files(checkpoint), checkpoint)
+    h.update(checkpoint_identity(checkpoint).encode())
     h.update(b"\1")
     _hash_files(h, converter_sources(tree), tree)
     return h.hexdigest()[:20]
@@ -479,7 +486,6 @@ def stage(checkpoint: Path, into: Path, tree: Path) -> Staged:
             f"of the staged copy (extra tensors allowed): {', '.join(extra[:5])}"
             + (f" (and {len(extra) - 5} more)" if len(extra) > 5 else "")
         )
-    from harness.llamacpp.identity import metadata_for
 
     (into / KV_FILE).write_text(json.dumps(metadata_for(checkpoint, _port_map(tree, config))))
     _fix_architecture(st, checkpoint)
@@ -695,7 +701,6 @@ def _convert_into(
     """Run the converter in a temporary sibling of ``out_dir``, renamed to it once complete
     (removed on any exception, KeyboardInterrupt and termination included)."""
     from harness.core.atomic import staged_dir
-    from harness.llamacpp.identity import file_record
 
     with staged_dir(out_dir, replace=True) as work:
         staged = stage(checkpoint, work / "staged", root)
@@ -741,7 +746,6 @@ class StaleCacheEntry(Exception):
 def _cached(result_path: Path) -> Conversion | None:
     """The cached conversion, None when there is none, StaleCacheEntry when its GGUF no longer
     matches its record (truncated, corrupted in place, lost, or no record at all)."""
-    from harness.llamacpp.identity import record_mismatch
 
     if not result_path.is_file():
         return None

@@ -98,6 +98,28 @@ def fingerprint(checkpoint: Path | str) -> str:
     return f"{FINGERPRINT_VERSION}:{h.hexdigest()}"
 
 
+def checkpoint_identity(checkpoint: Path | str) -> str:
+    """A cache key for a checkpoint folder that reads a few MB however large the checkpoint is.
+
+    Small files (config, index, tokenizer) are hashed whole; a weight file counts by name, size
+    and mtime (any rewrite changes the mtime), and the sampled-tensor :func:`fingerprint` ties the
+    key to the bytes as well.  Hashing every byte instead took minutes per load on a 208 GB
+    checkpoint.
+    """
+    root = Path(checkpoint)
+    h = hashlib.sha256(b"checkpoint-identity-v1\0")
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    for p in files:
+        st = p.stat()
+        if st.st_size < RECORD_WHOLE_FILE_BELOW and not p.name.endswith(".safetensors"):
+            h.update(f"{p.name}\0{hashlib.sha256(p.read_bytes()).hexdigest()}\0".encode())
+        else:
+            h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    if any(p.name.endswith(".safetensors") for p in files):
+        h.update(fingerprint(root).encode())
+    return h.hexdigest()
+
+
 def metadata_for(checkpoint: Path, port_map: str | None) -> dict[str, str]:
     """The ``bailing_parity.*`` keys our conversion writes into the GGUF."""
     kv = {FINGERPRINT_KEY: fingerprint(checkpoint)}

@@ -27,6 +27,7 @@ from pathlib import Path
 from harness.core import cache
 from harness.core.atomic import locked, staged_dir
 from harness.llamacpp import build
+from harness.llamacpp.identity import checkpoint_identity
 from harness.llamacpp.names import PortNames
 
 PATCH_DIR = Path(__file__).resolve().parent / "patches"
@@ -295,7 +296,9 @@ def convert(
 def converted(checkpoint: Path, outtype: str = "f32", series: list[Path] | None = None) -> Path:
     """The cached GGUF of a checkpoint dir for this patch series (converted on first use)."""
     checkpoint = Path(checkpoint).resolve()
-    key = hashlib.sha256(f"{checkpoint}\0{series_key(series)}\0{outtype}".encode()).hexdigest()[:16]
+    # The checkpoint's identity, not its path: a checkpoint rewritten in place is converted again.
+    ident = checkpoint_identity(checkpoint)
+    key = hashlib.sha256(f"{ident}\0{series_key(series)}\0{outtype}".encode()).hexdigest()[:16]
     out = build.cache_root() / "port-gguf" / f"{checkpoint.name}-{outtype}-{key}.gguf"
     if not out.is_file():
         with locked(out.with_name(f".{out.name}.lock")):
