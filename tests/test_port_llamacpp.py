@@ -80,9 +80,12 @@ def test_two_workers_converting_one_checkpoint_convert_it_once(
         return out
 
     monkeypatch.setattr(port, "convert", slow_convert)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")  # the cache key reads the checkpoint's identity
     results: list[Path] = []
     workers = [
-        threading.Thread(target=lambda: results.append(port.converted(tmp_path / "ckpt")))
+        threading.Thread(target=lambda: results.append(port.converted(ckpt)))
         for _ in range(2)
     ]
     for w in workers:

@@ -36,8 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="HF-layout directory: config.json + model*.safetensors (+ index)")
     p.add_argument("--out", type=Path, required=True,
                    help="the golden run's folder (must not exist or be empty)")
-    p.add_argument("--prompt-tokens", type=Path,
-                   help='JSON file {"tokens": [...]}; default: 64 seeded random ids')
+    from harness.cli.prompts import add_prompt_arguments
+
+    add_prompt_arguments(p)  # a golden run holds one prompt
     p.add_argument("--decode-steps", type=int, default=8,
                    help="checked like parity's (the reference's prefill serves decode checks)")
     p.add_argument("--reference", default=REFERENCE, help=f"default {REFERENCE}")
@@ -63,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from harness.cli.inputs import (
         check_prompt_limits,
         checkpoint_convention,
-        read_prompt,
         reference_target,
     )
+    from harness.cli.prompts import prompts_from_args
     from references.checkpoint_io import ALLOW_EXTRA_ENV
     from references.config import read_config_json
 
@@ -75,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise InputError(f"{args.out}: exists and is not an empty folder; a golden run is "
                          "never overwritten")
-    tokens = read_prompt(args.prompt_tokens, cfg.vocab_size)
+    prompts = prompts_from_args(args, args.checkpoint.resolve(), cfg.vocab_size)
+    if len(prompts) != 1:
+        raise InputError(f"{args.prompt_file}: a golden run holds one prompt, the file gives "
+                         f"{len(prompts)}")
+    tokens = list(prompts[0].tokens)
     check_prompt_limits(tokens, cfg, decode_steps=args.decode_steps, modes=("decode",),
                         beyond_max_positions=args.beyond_max_positions)
     convention = checkpoint_convention(args, cfg)

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,9 @@ from harness.cli.inputs import (
     HARD_PROMPT_CAP,
     check_prompt_limits,
     checkpoint_convention,
-    read_prompt,
     reference_target,
 )
+from harness.cli.prompts import Prompt, add_prompt_arguments, prompts_from_args, uses_text
 from harness.core.errors import InputError, PortFailure, ReferenceFailure
 from harness.report.run_folder import check_out_dir
 from harness.report.summary import print_summary
@@ -59,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the reference's weights: all in memory, or streamed layer by layer "
                         "from the memory-mapped safetensors (memory bounded by one layer's "
                         "widths); auto streams when they would not fit comfortably")
-    p.add_argument("--prompt-tokens", type=Path,
-                   help='JSON file {"tokens": [...]}; default: 64 seeded random ids')
+    add_prompt_arguments(p)
     p.add_argument("--mlx-model-module", type=Path,
                    help="a user's MLX port (shaped like mlx-lm's bailing_hybrid.py) under test")
     p.add_argument("--modes", default="prefill", help=f"any of {','.join(CHECKS)}")
@@ -103,6 +102,7 @@ class ParityJob:
     reference: Target
     convention: Any
     golden: Any = None  # GoldenInputs: the reference's captures come from a golden run
+    prompts: list[Prompt] = field(default_factory=list)  # text prompts (recorded in the summary)
 
 
 def _candidates(args: argparse.Namespace, convention: Any) -> list[Target]:
@@ -121,11 +121,19 @@ def checkpoint_job(args: argparse.Namespace, modes: Sequence[str]) -> ParityJob:
     validated before any model is loaded."""
     family, cfg = load_checkpoint_config(args.checkpoint)
     check_out_dir(args.out)
+    checkpoint = args.checkpoint.resolve()
     golden = golden_inputs(args, cfg.vocab_size) if args.golden is not None else None
-    tokens = (golden.tokens if golden is not None
-              else read_prompt(args.prompt_tokens, cfg.vocab_size))
-    check_prompt_limits(tokens, cfg, decode_steps=args.decode_steps, modes=modes,
-                        beyond_max_positions=args.beyond_max_positions)
+    prompts = prompts_from_args(args, checkpoint, cfg.vocab_size)
+    if golden is not None:
+        if uses_text(args):
+            if len(prompts) != 1:
+                raise InputError("--golden: a golden run holds one prompt; the prompt file "
+                                 f"gives {len(prompts)}")
+            golden.golden.check_tokens(list(prompts[0].tokens), prompts[0].name)
+        prompts = [Prompt(checkpoint.name, tuple(golden.tokens), prompts[0].text, "golden")]
+    for prompt in prompts:
+        check_prompt_limits(prompt.tokens, cfg, decode_steps=args.decode_steps, modes=modes,
+                            beyond_max_positions=args.beyond_max_positions)
     convention = checkpoint_convention(args, cfg) if golden is None else golden.convention
     candidates = _candidates(args, convention)
     reference = (reference_target(args.reference, args.reference_load) if golden is None
@@ -137,10 +145,16 @@ def checkpoint_job(args: argparse.Namespace, modes: Sequence[str]) -> ParityJob:
             raise InputError(f"--modes {','.join(weighty)}: these checks run the reference "
                              "itself; a golden run holds its captures only (use prefill, decode)")
         check_candidates(golden.golden, candidates)
-    checkpoint = args.checkpoint.resolve()
-    subject = Subject.from_checkpoint(checkpoint, tokens, cfg, decode_steps=args.decode_steps,
-                                      convention=convention, family=family.name)
-    return ParityJob(checkpoint, [subject], candidates, reference, convention, golden)
+    subjects = []
+    for i, prompt in enumerate(prompts):
+        subject = Subject.from_checkpoint(checkpoint, prompt.tokens, cfg,
+                                          decode_steps=args.decode_steps, convention=convention,
+                                          family=family.name)
+        if prompt.text is not None:  # named as the prompt option names it
+            subject = replace(subject, prompt=prompt.name, first_prompt=i == 0)
+        subjects.append(subject)
+    texts = [p for p in prompts if p.text is not None]
+    return ParityJob(checkpoint, subjects, candidates, reference, convention, golden, texts)
 
 
 def case_jobs(args: argparse.Namespace) -> list[ParityJob]:
@@ -149,7 +163,9 @@ def case_jobs(args: argparse.Namespace) -> list[ParityJob]:
     from harness.checks.slope_convention import case_convention
 
     for flag, value in (("--checkpoint", args.checkpoint), ("--golden", args.golden),
-                        ("--prompt-tokens", args.prompt_tokens), ("--slope", args.slope)):
+                        ("--prompt-tokens", args.prompt_tokens), ("--slope", args.slope),
+                        ("--prompt-text", args.prompt_text), ("--prompt-file", args.prompt_file),
+                        ("--chat", args.chat or None)):
         if value is not None:
             raise InputError(f"{flag}: not with --cases (a case names its checkpoint, prompts "
                              "and slope convention)")
@@ -209,6 +225,10 @@ def run_parity(args: argparse.Namespace) -> int:
     for job in jobs:
         if args.cases is None and job.convention is not None:
             session.note(job.convention.note)
+        for prompt in job.prompts:
+            shown = prompt.text if len(prompt.text or "") <= 80 else f"{prompt.text[:77]}..."
+            session.note(f"prompt {prompt.name} ({prompt.source}): {len(prompt.tokens)} tokens "
+                         f"from {shown!r} through the checkpoint's tokenizer")
         _run_reference(session, job, modes)
         for cand in job.candidates:
             ok, why = session.availability(cand)
@@ -226,6 +246,8 @@ def run_parity(args: argparse.Namespace) -> int:
         if job.convention is not None:
             extra["slope_convention"] = job.convention.to_json()
         extra["n_tokens"] = len(job.subjects[0].tokens)
+        if job.prompts:
+            extra["prompts"] = [p.to_json() for p in job.prompts]
         title, families = f"parity: {job.checkpoint}", ()
     else:
         extra = {"cases": [j.subjects[0].name for j in jobs]}

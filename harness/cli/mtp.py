@@ -57,11 +57,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--chain", type=int, default=1, help="drafts per step (the one MTP layer reused; default 1)"
     )
-    p.add_argument(
-        "--prompt-tokens",
-        type=Path,
-        help='with --checkpoint: JSON {"tokens": [...]}; default 64 seeded random ids',
-    )
+    from harness.cli.prompts import add_prompt_arguments
+
+    add_prompt_arguments(p)  # with --checkpoint
     p.add_argument("--mlx-model-module", type=Path, help="a user's MLX port under test")
     p.add_argument("--out", type=Path, help="output folder (empty or absent)")
 
@@ -196,16 +194,21 @@ def _mtp_jobs(args: argparse.Namespace) -> list[tuple[Path, list[Any]]]:
 
     if args.checkpoint is not None:
         from harness.backends.families import load_checkpoint_config
-        from harness.cli.inputs import read_prompt
+        from harness.cli.prompts import prompts_from_args
 
         _, cfg = load_checkpoint_config(args.checkpoint)
-        tokens = read_prompt(args.prompt_tokens, cfg.vocab_size)
-        name = args.checkpoint.resolve().name
-        return [
-            (args.checkpoint.resolve(), [MtpPrompt(name, f"{len(tokens)} tokens", tuple(tokens))])
-        ]
+        checkpoint = args.checkpoint.resolve()
+        prompts = prompts_from_args(args, checkpoint, cfg.vocab_size)
+        return [(checkpoint, [
+            MtpPrompt(checkpoint.name,
+                      p.name if p.text is not None else f"{len(p.tokens)} tokens", p.tokens)
+            for p in prompts])]
     from harness.checks.cases import load_cases, materialize
+    from harness.cli.prompts import uses_text
 
+    if uses_text(args) or args.chat:
+        raise InputError("--prompt-text/--prompt-file/--chat: not with --cases (a case names "
+                         "its prompts)")
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
     return [
         (materialize(case), [MtpPrompt(case.name, p.name, p.tokens) for p in case.prompts])

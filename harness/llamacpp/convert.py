@@ -49,6 +49,7 @@ from harness.llamacpp.identity import (
     metadata_for,
     record_mismatch,
 )
+from references.tokenizer import write_tiny_tokenizer
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 STAGING_VERSION = 2  # bump when the staging rules change: invalidates cached conversions
@@ -316,50 +317,6 @@ def _fix_ling3_keys(st: Staged, shapes: dict[str, tuple[int, ...]]) -> None:
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable char table (the alphabet of a byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def write_tiny_tokenizer(out: Path, vocab_size: int) -> None:
-    """A byte-level BPE with exactly ``vocab_size`` tokens and one merge (GGUF needs merges).
-
-    Token ids are what the harness feeds, so this tokenizer only has to exist and be loadable
-    by ``AutoTokenizer``; its pre-tokenizer is unknown to the converter's hash table.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    if vocab_size < 3:
-        raise InputError(f"vocab_size {vocab_size} is too small for a tokenizer")
-    chars = _bytes_to_unicode()
-    tokens = chars[: min(256, vocab_size - 1)]
-    merges = [(tokens[0], tokens[1])]
-    tokens.append(tokens[0] + tokens[1])
-    i = 2
-    while len(tokens) < vocab_size:  # pad with further two-char merges
-        a, b = chars[i % 256], chars[(i // 256 + 2) % 256]
-        if a + b not in tokens and a in tokens and b in tokens:
-            tokens.append(a + b)
-            merges.append((a, b))
-        i += 1
-    vocab = {t: k for k, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20})
-    )
 
 
 def _fix_tokenizer(st: Staged, src: Path) -> None:

@@ -1,0 +1,62 @@
+"""A tiny, real byte-level BPE tokenizer for synthetic checkpoints (they ship none): text prompts
+and the llama.cpp converter then take the same path as with a real checkpoint's tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from harness.core.errors import InputError
+
+# One role marker per message, then the assistant's: enough for ``--chat`` to be tested end to end.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable char table (the alphabet of a byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_tokenizer(out: Path, vocab_size: int, *, chat_template: bool = False) -> None:
+    """A byte-level BPE with exactly ``vocab_size`` tokens and at least one merge (GGUF needs
+    merges); deterministic, every id < ``vocab_size``.
+
+    ``chat_template`` adds :data:`TINY_CHAT_TEMPLATE` to tokenizer_config.json. Its
+    pre-tokenizer is unknown to the llama.cpp converter's hash table.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if vocab_size < 3:
+        raise InputError(f"vocab_size {vocab_size} is too small for a tokenizer")
+    chars = _bytes_to_unicode()
+    tokens = chars[: min(256, vocab_size - 1)]
+    merges = [(tokens[0], tokens[1])]
+    tokens.append(tokens[0] + tokens[1])
+    i = 2
+    while len(tokens) < vocab_size:  # pad with further two-char merges
+        a, b = chars[i % 256], chars[(i // 256 + 2) % 256]
+        if a + b not in tokens and a in tokens and b in tokens:
+            tokens.append(a + b)
+            merges.append((a, b))
+        i += 1
+    vocab = {t: k for k, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(out / "tokenizer.json"))
+    config: dict[str, object] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                                 "model_max_length": 1 << 20}
+    if chat_template:
+        config["chat_template"] = TINY_CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
