@@ -15,8 +15,9 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable char table (the alphabet of a byte-level BPE)."""
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-character map (the alphabet of a byte-level BPE),
+    in GPT-2's order: printable bytes first."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
     cs = bs[:]
     n = 0
@@ -25,7 +26,7 @@ def _bytes_to_unicode() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for c in cs]
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
 def write_tiny_tokenizer(out: Path, vocab_size: int, *, chat_template: bool = False) -> None:
@@ -39,7 +40,7 @@ def write_tiny_tokenizer(out: Path, vocab_size: int, *, chat_template: bool = Fa
 
     if vocab_size < 3:
         raise InputError(f"vocab_size {vocab_size} is too small for a tokenizer")
-    chars = _bytes_to_unicode()
+    chars = list(byte_alphabet().values())
     tokens = chars[: min(256, vocab_size - 1)]
     merges = [(tokens[0], tokens[1])]
     tokens.append(tokens[0] + tokens[1])

@@ -65,16 +65,8 @@ PAIR_COLUMNS: tuple[str, ...] = (
     "top1",
     "mean_kld",
 )
-_FLOAT_COLUMNS: tuple[str, ...] = (
-    "nmse",
-    "max_abs",
-    "cosine",
-    "top1",
-    "index_agreement",
-    "mean_kld",
-    "kld_99",
-    "kld_max",
-)
+# The numeric columns: every metric between "point/layer/kind" and "passed".
+_FLOAT_COLUMNS: tuple[str, ...] = COLUMNS[COLUMNS.index("nmse") : COLUMNS.index("passed")]
 # Targets are next-token ids, which only ``result_output`` predicts (MTP logits predict t+2).
 _TARGETS_POINT = "result_output"
 

@@ -29,6 +29,7 @@ from harness.core.atomic import locked, staged_dir
 from harness.llamacpp import build
 from harness.llamacpp.identity import checkpoint_identity
 from harness.llamacpp.names import PortNames
+from references.tokenizer import byte_alphabet
 
 PATCH_DIR = Path(__file__).resolve().parent / "patches"
 ARCH = "bailing_hybrid"
@@ -168,23 +169,6 @@ def _build_converter_tree(root: Path, series: list[Path], version: str) -> Path:
     return root
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable-character map (byte-level BPE alphabet)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
 def write_tiny_tokenizer(model_dir: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer with ids < vocab_size (synthetic checkpoints ship none).
 
@@ -196,7 +180,7 @@ def write_tiny_tokenizer(model_dir: Path, vocab_size: int) -> None:
     if vocab_size < 256:
         raise ValueError(f"a byte-level tokenizer needs vocab_size >= 256, got {vocab_size}")
     n_merges = 8
-    alphabet = _bytes_to_unicode()
+    alphabet = byte_alphabet()
     n_bytes = min(256, vocab_size - n_merges)
     vocab = {alphabet[b]: b for b in range(n_bytes)}
     pairs = [
