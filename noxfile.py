@@ -60,10 +60,12 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Prefill/decode tok/s for torch, mlx and llama.cpp with the roofline: ``pytest --benchmark``
-    (pytest-benchmark's JSON, autosave and compare; the sweep table and report in reports/)."""
+    """Prefill/decode tok/s for torch, mlx and llama.cpp, float and quantized (each against its
+    own roofline): ``pytest --benchmark`` (pytest-benchmark's JSON, autosave and compare; the
+    sweep table and report in reports/)."""
     install(session)
-    session.run("pytest", "cases", "--benchmark", "--backends", "torch,mlx,llamacpp",
+    session.run("pytest", "cases", "--benchmark", "--backends",
+                "torch,mlx,llamacpp,llamacpp:quant=Q4_K_M,mlx:bits=4",
                 "--cases", "flash-mini", "--bench-pp", "128,512,2048", "--bench-tg", "32",
                 "--report-dir", str(REPORTS), "--benchmark-autosave", "-p", "no:cacheprovider",
                 *session.posargs)

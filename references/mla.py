@@ -18,9 +18,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
-from references.ops import RopeStyle, accumulation_dtype, rms_norm, rope
+from references.activation_rounding import block_min, declare, declared, round_input, sum_error
+from references.ops import RopeStyle, accumulation_dtype, linear, rms_norm, rope
 
 # HF-R builds q_a_layernorm / kv_a_layernorm with the RMSNorm class default, not rms_norm_eps.
 LORA_NORM_EPS = 1e-6
@@ -113,12 +113,12 @@ def mla_forward(
     t, h = a.shape[0], dims.num_heads
     positions = torch.arange(cache.length, cache.length + t, device=a.device)
     if w.q_proj is not None:
-        q = F.linear(a, w.q_proj)
+        q = linear(a, w.q_proj)
     else:
-        q = F.linear(rms_norm(F.linear(a, w.q_a_proj), w.q_a_norm, LORA_NORM_EPS), w.q_b_proj)
+        q = linear(rms_norm(linear(a, w.q_a_proj), w.q_a_norm, LORA_NORM_EPS), w.q_b_proj)
     q = q.view(t, h, dims.qk_head_dim).transpose(0, 1)  # [H, T, qk]
     q_nope, q_pe = q.split([dims.qk_nope_head_dim, dims.qk_rope_head_dim], dim=-1)
-    latent, k_pe = F.linear(a, w.kv_a_proj).split([dims.kv_lora_rank, dims.qk_rope_head_dim], -1)
+    latent, k_pe = linear(a, w.kv_a_proj).split([dims.kv_lora_rank, dims.qk_rope_head_dim], -1)
     latent = rms_norm(latent, w.kv_a_norm, LORA_NORM_EPS)
     q_pe = rope(q_pe, positions, dims.qk_rope_head_dim, dims.rope_theta, rope_style)
     k_pe = rope(k_pe, positions, dims.qk_rope_head_dim, dims.rope_theta, rope_style)
@@ -136,8 +136,8 @@ def mla_forward(
         dim=1,
     )  # [H, T, v]
     if w.g_proj is not None:
-        o = o * torch.sigmoid(F.linear(a, w.g_proj)).transpose(0, 1)[..., None]
-    return F.linear(o.transpose(0, 1).reshape(t, h * dims.v_head_dim), w.dense), latent
+        o = o * torch.sigmoid(linear(a, w.g_proj)).transpose(0, 1)[..., None]
+    return linear(o.transpose(0, 1).reshape(t, h * dims.v_head_dim), w.dense), latent
 
 
 def _causal_softmax(scores: torch.Tensor, q_offset: int) -> torch.Tensor:
@@ -152,7 +152,14 @@ def _causal_softmax(scores: torch.Tensor, q_offset: int) -> torch.Tensor:
 def _split_kv_b(kv_b: torch.Tensor, dims: MLADims) -> tuple[torch.Tensor, torch.Tensor]:
     """kv_b_proj rows per head are [k_nope ; v]: W_kb [H, nope, C] and W_vb [H, v, C]."""
     per_head = kv_b.view(dims.num_heads, dims.qk_nope_head_dim + dims.v_head_dim, -1)
-    return per_head.split([dims.qk_nope_head_dim, dims.v_head_dim], dim=1)
+    w_kb, w_vb = per_head.split([dims.qk_nope_head_dim, dims.v_head_dim], dim=1)
+    kinds = declared(kv_b)  # a port stores the halves apart, each of its own type
+    if kinds is not None:
+        k_kind, v_kind = kinds if isinstance(kinds, tuple) else (kinds, kinds)
+        k_min, v_min = block_min(kv_b) or (None, None)
+        declare(w_kb, k_kind, block_min=k_min)
+        declare(w_vb, v_kind, block_min=v_min)
+    return w_kb, w_vb
 
 
 def _attend_naive(q_nope, q_pe, cache: MLACache, kv_b, dims: MLADims, q_offset: int):
@@ -165,7 +172,13 @@ def _attend_naive(q_nope, q_pe, cache: MLACache, kv_b, dims: MLADims, q_offset: 
 
 def _attend_absorbed(q_nope, q_pe, cache: MLACache, kv_b, dims: MLADims, q_offset: int):
     w_kb, w_vb = _split_kv_b(kv_b, dims)
-    q_latent = torch.einsum("htd,hdc->htc", q_nope, w_kb)  # W_kb^T q_nope: [H, T, C]
+    # W_kb^T q_nope: [H, T, C]
+    q_latent = torch.einsum("htd,hdc->htc", round_input(q_nope, w_kb), w_kb)
+    if (m := block_min(w_kb)) is not None:  # [H, C, nope/32]: ggml's Q4_1/Q5_1 sum term
+        q_latent = q_latent + torch.einsum("htb,hcb->htc", sum_error(q_nope), m)
     scores = (q_latent @ cache.latent.T + q_pe @ cache.k_pe.T) * dims.scale
     attended = _causal_softmax(scores, q_offset) @ cache.latent  # [H, T, C]
-    return torch.einsum("htc,hdc->htd", attended, w_vb)
+    out = torch.einsum("htc,hdc->htd", round_input(attended, w_vb), w_vb)
+    if (m := block_min(w_vb)) is not None:  # [H, v, C/32]
+        out = out + torch.einsum("htb,hdb->htd", sum_error(attended), m)
+    return out

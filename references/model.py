@@ -33,7 +33,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from harness.core import capture_points
 from harness.core.errors import InputError
@@ -50,7 +49,15 @@ from references.moe import (
     check_forced_ids,
     moe_forward,
 )
-from references.ops import accumulation_dtype, group_rms_norm, log_decay, rms_norm, rope, swiglu
+from references.ops import (
+    accumulation_dtype,
+    group_rms_norm,
+    linear,
+    log_decay,
+    rms_norm,
+    rope,
+    swiglu,
+)
 from references.variant import CORRECT, Variant
 from references.weights import (
     BLOCK_BYTES,
@@ -65,6 +72,11 @@ from references.weights import (
 )
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# Points another model's values can stand in for (BailingHybridReference.start's anchors):
+# the residual stream and the norms that feed matmuls.
+ANCHOR_STEMS = ("attn_norm", "ffn_inp", "ffn_norm", "l_out")
 
 
 @dataclass(frozen=True)
@@ -119,7 +131,7 @@ class GLAWeights:
 
     def linear(self, field: str, x: torch.Tensor) -> torch.Tensor:
         """``F.linear(x, self.<field>)`` for the projections qkv, g_proj and dense."""
-        return F.linear(x, getattr(self, field))
+        return linear(x, getattr(self, field))
 
 
 _GLA_TENSORS = {"qkv": "query_key_value", "q_norm": "query_layernorm",
@@ -147,8 +159,8 @@ class StreamedGLAWeights(GLAWeights):
         rows, width = m._source.shape(name)
         step = max(1, BLOCK_BYTES // (width * _itemsize(m.dtype)))
         if step >= rows:  # the in-memory computation, to the bit
-            return F.linear(x, m._get(name))
-        return torch.cat([F.linear(x, m._get(name, rows=(s, min(rows, s + step))))
+            return linear(x, m._get(name))
+        return torch.cat([linear(x, m._get(name, rows=(s, min(rows, s + step))))
                           for s in range(0, rows, step)], dim=-1)
 
 
@@ -200,6 +212,8 @@ class StreamedSwiGLU:
         m, p = self._m, self._prefix
         inter, hidden = m._source.shape(f"{p}.gate_proj.weight")
         step = max(1, BLOCK_BYTES // (3 * hidden * _itemsize(m.dtype)))
+        if step >= 256:  # whole blocks of 256 (a port's rounded activations: activation_rounding)
+            step -= step % 256
         if step >= inter:  # the in-memory computation, to the bit
             return swiglu(x, m._get(f"{p}.gate_proj.weight"), m._get(f"{p}.up_proj.weight"),
                           m._get(f"{p}.down_proj.weight"))
@@ -420,14 +434,42 @@ class BailingHybridReference:
         self,
         capture: Collection[str] = (),
         forced_routing: Mapping[int, np.ndarray | torch.Tensor] | None = None,
+        anchors: Mapping[str, np.ndarray | torch.Tensor] | None = None,
     ) -> ReferenceSession:
         """A fresh sequence recording the named points (``result_output`` always).
 
         ``forced_routing`` maps an MoE layer (the MTP block is layer ``n_layers``) to expert ids
         [positions, k], one row per fed position in order across feeds: that layer then uses
-        these ids instead of its own selection (weights still from its own router)."""
+        these ids instead of its own selection (weights still from its own router).
+
+        ``anchors`` maps residual-stream points (``l_out-N``, ``ffn_inp-N``) and the norms that
+        feed matmuls (``attn_norm-N``, ``ffn_norm-N``, ``result_norm``) to another model's
+        values [positions, hidden]: they are recorded as computed here, but what comes after
+        them takes the given rows instead.  Each sublayer then computes from that model's own
+        input, so a comparison sees only what the sublayer itself adds (sublayer-local parity),
+        not what came in from below, amplified; and a matmul whose input is anchored rounds that
+        input exactly as the other model did."""
         forced = self._check_forced_routing(forced_routing or {})
-        return ReferenceSession(self, self._check_capture(capture), forced)
+        return ReferenceSession(self, self._check_capture(capture), forced,
+                                self._check_anchors(anchors or {}))
+
+    def _check_anchors(self, anchors: Mapping[str, np.ndarray | torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+        checked = {}
+        width = self.config.hidden_size
+        allowed = {f"{stem}-{i}" for i in range(self.n_layers) for stem in ANCHOR_STEMS}
+        allowed.add("result_norm")
+        for name, rows in anchors.items():
+            if name not in allowed:
+                raise InputError(f"anchors: {name!r} is not a point that can be anchored "
+                                 f"({', '.join(f'{s}-N' for s in ANCHOR_STEMS)} with N < "
+                                 f"{self.n_layers}, or result_norm)")
+            t = torch.as_tensor(np.asarray(rows, dtype=np.float64))
+            if t.ndim != 2 or t.shape[1] != width:
+                raise InputError(f"anchors: {name} rows have shape {tuple(t.shape)}; "
+                                 f"expected [positions, hidden_size={width}]")
+            checked[name] = t.to(self.device, self.dtype)
+        return checked
 
     def moe_layers(self) -> list[int]:
         """The layers whose FFN is routed: trunk MoE layers, then the MTP block (``n_layers``)."""
@@ -634,10 +676,14 @@ class BailingHybridReference:
         rec: _Recorder,
         name: Namer,
         forced: torch.Tensor | None = None,
+        anchor: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Routing | None]:
-        """:meth:`block_forward`, also returning the MoE's routing (None for a dense FFN)."""
+        """:meth:`block_forward`, also returning the MoE's routing (None for a dense FFN).
+        ``anchor(point, value)``: what goes on after a residual point (ReferenceSession)."""
         a = rms_norm(x, block.input_norm, self.eps)
         rec.put(name("attn_norm"), a)
+        if anchor is not None:
+            a = anchor(name("attn_norm"), a)
         attention = block.attention  # a streamed block reads it now; dropped below
         if isinstance(attention, MLAWeights):
             assert isinstance(cache, MLACache)
@@ -657,8 +703,12 @@ class BailingHybridReference:
         rec.put(name("attn_out"), attn)
         h = x + attn
         rec.put(name("ffn_inp"), h)
+        if anchor is not None:
+            h = anchor(name("ffn_inp"), h)
         f = rms_norm(h, block.post_norm, self.eps)
         rec.put(name("ffn_norm"), f)
+        if anchor is not None:
+            f = anchor(name("ffn_norm"), f)
         ffn = block.ffn
         routing = None
         if isinstance(ffn, MoEWeights):
@@ -678,6 +728,8 @@ class BailingHybridReference:
         rec.put(name("ffn_out"), out)
         y = h + out
         rec.put(name("l_out"), y)
+        if anchor is not None:
+            y = anchor(name("l_out"), y)
         return y, routing
 
     def _gla(
@@ -741,17 +793,17 @@ class BailingHybridReference:
         """``lm_head`` applied to each of ``hidden``; streamed, one pass over ``lm_head`` in
         vocabulary blocks of at most :data:`BLOCK_BYTES` for all of them together."""
         if not self.streamed:
-            return [F.linear(h, self.lm_head) for h in hidden]
+            return [linear(h, self.lm_head) for h in hidden]
         vocab, width = self._source.shape(self._head_name)
         step = max(1, BLOCK_BYTES // (width * _itemsize(self.dtype)))
         if step >= vocab:  # the in-memory computation, to the bit
             w = self._get(self._head_name)
-            return [F.linear(h, w) for h in hidden]
+            return [linear(h, w) for h in hidden]
         parts: list[list[torch.Tensor]] = [[] for _ in hidden]
         for s in range(0, vocab, step):
             w = self._get(self._head_name, rows=(s, min(vocab, s + step)))
             for out, h in zip(parts, hidden, strict=True):
-                out.append(F.linear(h, w))
+                out.append(linear(h, w))
             del w
         return [torch.cat(out, dim=-1) for out in parts]
 
@@ -771,10 +823,12 @@ class ReferenceSession:
         model: BailingHybridReference,
         capture: frozenset[str],
         forced_routing: dict[int, torch.Tensor] | None = None,
+        anchors: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self._m = model
         self._rec_names = capture
         self._forced = forced_routing or {}
+        self._anchors = anchors or {}
         # layer -> [positions run so far] margins of the forced ids (routing_margins)
         self.routing_margins: dict[int, np.ndarray] = {
             layer: np.zeros(0) for layer in self._forced
@@ -806,16 +860,18 @@ class ReferenceSession:
         for i, (block, cache) in enumerate(zip(m.blocks, self._caches, strict=True)):
             forced = self._forced_rows(i, self.position, self.position + t)
             x, routing = m.block_forward_routed(
-                x, block, cache, positions, rec, lambda s, i=i: f"{s}-{i}", forced
+                x, block, cache, positions, rec, lambda s, i=i: f"{s}-{i}", forced,
+                anchor=lambda point, h: self._anchored(point, h, t),
             )
             self._note_margins(i, routing, forced)
             if m.streamed:
                 release_freed_memory()  # the layer's weights, not just their Python objects
             if m.layer_done is not None:
                 m.layer_done(i + 1, len(m.blocks))
-        self.position += t
         hidden = rms_norm(x, m.norm, m.eps)
         rec.put("result_norm", hidden)
+        hidden = self._anchored("result_norm", hidden, t)
+        self.position += t
         heads = [hidden]
         if self._mtp_on:
             mtp_hidden = hidden if m.options.variant.mtp_hidden == "post_norm" else x
@@ -825,6 +881,16 @@ class ReferenceSession:
         for name, logits in zip(names, m.logits_many(heads), strict=True):
             rec.put(name, logits)
         return rec.captures
+
+    def _anchored(self, point: str, x: torch.Tensor, t: int) -> torch.Tensor:
+        """What goes on after ``point``: the anchor's rows for these positions, else ``x``."""
+        rows = self._anchors.get(point)
+        if rows is None:
+            return x
+        if rows.shape[0] < self.position + t:
+            raise InputError(f"anchors: {point} has {rows.shape[0]} rows, but this feed "
+                             f"reaches position {self.position + t - 1}")
+        return rows[self.position : self.position + t]
 
     def _forced_rows(self, layer: int, start: int, stop: int) -> torch.Tensor | None:
         ids = self._forced.get(layer)
@@ -891,7 +957,7 @@ class ReferenceSession:
         hn = rms_norm(rows, head.hnorm, m.eps)
         rec.put("mtp_hnorm", hn)
         pair = (e, hn) if variant.mtp_concat == "embed_first" else (hn, e)
-        u = F.linear(torch.cat(pair, dim=-1), head.eh_proj)
+        u = linear(torch.cat(pair, dim=-1), head.eh_proj)
         rec.put("mtp_eh_proj", u)
         positions = torch.arange(start, stop, device=m.device)
         forced = self._forced_rows(m.n_layers, start, stop)

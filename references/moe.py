@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.core.errors import InputError
+from references.activation_rounding import round_input
 from references.ops import accumulation_dtype, swiglu
 from references.variant import CORRECT, Variant
 
@@ -113,7 +114,7 @@ def route(
     candidate's expert choices, weighted by this router's own probabilities at those ids.
     """
     dt = accumulation_dtype(x.dtype)
-    logits = F.linear(x.to(dt), router.to(dt))
+    logits = F.linear(round_input(x, router).to(dt), router.to(dt))
     probs = torch.sigmoid(logits)
     biased = probs if expert_bias is None else probs + expert_bias.to(dt)
     scores = tie_scores = biased

@@ -21,13 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from harness.core.capture_points import MTP_POINTS
 from harness.core.errors import InputError
 from references.mla import MLACache
 from references.model import BailingHybridReference, Cache
-from references.ops import rms_norm
+from references.ops import linear, rms_norm
 
 
 class _Discard:
@@ -215,7 +214,7 @@ class ReferenceMtpSession(DraftingSession):
         e = rms_norm(m.embed_rows(ids), head.enorm, m.eps)
         hn = rms_norm(hidden, head.hnorm, m.eps)
         pair = (e, hn) if variant.mtp_concat == "embed_first" else (hn, e)
-        u = F.linear(torch.cat(pair, dim=-1), head.eh_proj)
+        u = linear(torch.cat(pair, dim=-1), head.eh_proj)
         positions = torch.arange(start, start + len(ids), device=m.device)
         y = m.block_forward(u, head.block, self._mtp_cache, positions, _DISCARD, _no_name)  # type: ignore[arg-type]
         final = head.final_norm if variant.mtp_final_norm == "mtp_final_layernorm" else m.norm

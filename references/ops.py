@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from references.activation_rounding import block_min, round_input, sum_error
 from references.variant import SlopeFormula
 
 RopeStyle = Literal["interleaved", "half_split"]
@@ -68,11 +69,19 @@ def rope(
     return torch.cat((rotated, rest), dim=-1)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x W^T``, every projection of the model: ``x`` first rounded as the weight declares
+    (:mod:`references.activation_rounding`; exact for checkpoint weights)."""
+    out = F.linear(round_input(x, weight), weight)
+    m = block_min(weight)
+    return out if m is None else out + F.linear(sum_error(x), m.to(out.dtype))
+
+
 def swiglu(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
     """down(SiLU(gate x) * up x): the dense MLP, every routed expert and the shared expert."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def _power_of_two_slopes(n: int) -> list[float]:

@@ -44,13 +44,24 @@ def write_tiny_tokenizer(out: Path, vocab_size: int, *, chat_template: bool = Fa
     tokens = chars[: min(256, vocab_size - 1)]
     merges = [(tokens[0], tokens[1])]
     tokens.append(tokens[0] + tokens[1])
+    known = set(tokens)  # a list lookup per candidate was quadratic: hours at vocab 157184
     i = 2
-    while len(tokens) < vocab_size:  # pad with further two-char merges
+    while len(tokens) < vocab_size and i < 2 + 256 * 256:  # pad with two-char merges...
         a, b = chars[i % 256], chars[(i // 256 + 2) % 256]
-        if a + b not in tokens and a in tokens and b in tokens:
+        if a + b not in known and a in known and b in known:
             tokens.append(a + b)
+            known.add(a + b)
             merges.append((a, b))
         i += 1
+    pairs = len(tokens)
+    for j in range(257, pairs):  # ...then three-char ones (256 + 65536 pairs < Ling's vocab)
+        for c in chars:
+            if len(tokens) >= vocab_size:
+                break
+            if tokens[j] + c not in known:
+                tokens.append(tokens[j] + c)
+                known.add(tokens[-1])
+                merges.append((tokens[j], c))
     vocab = {t: k for k, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from harness.checks.cases import load_case, load_cases, materialize
+from harness.checks.cases import (
+    SMALL_PARAMETERS,
+    load_case,
+    load_cases,
+    materialize,
+    parameter_count,
+)
 from harness.core.errors import InputError
 from references.checkpoint_io import read_state_dict
 from references.config import load_config
@@ -85,7 +91,9 @@ def test_no_norm_weight_or_bias_is_trivial(tmp_path):
 
 
 def test_the_reference_loader_accepts_every_materialised_ling26_case(tmp_path):
-    for case in (c for c in load_cases() if c.family == "ling26"):
+    # the realistic-width case (a 4.4 GB copy, 8.7 GB read in float32) has its own tests
+    small = (c for c in load_cases() if c.family == "ling26")
+    for case in (c for c in small if parameter_count(c) < SMALL_PARAMETERS):
         ckpt = materialize(case, tmp_path)
         assert read_state_dict(ckpt, load_config(ckpt))
 

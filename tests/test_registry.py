@@ -210,7 +210,12 @@ def exercise(impl: Implementation, ckpt: Path, tokens: Sequence[int]) -> list[st
         failed.append("slope_introspection")
     if caps.quantized:
         hints = typing.get_type_hints(impl.options_class())
-        if "q8_0" not in str(hints.get("outtype")):
+        if "bits" in hints:  # mlx: quantized by mlx-lm, it runs and its logits move
+            q8 = impl.load(ckpt, BackendOptions(dtype="float32", extra={"bits": "8"}))
+            logits = forward(q8, tokens)["result_output"]
+            if not np.isfinite(logits).all() or np.array_equal(logits, full):
+                failed.append("quantized")
+        elif "q8_0" not in str(hints.get("outtype")):
             failed.append("quantized")
     if caps.mtp:
         mtp = impl.load_mtp(ckpt, options, impl.backend)

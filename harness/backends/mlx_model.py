@@ -33,17 +33,24 @@ _GATHER_MM_HINT = (
 
 
 def load_port_model(
-    checkpoint_dir: Path, port_path: Path | None, stock_module: str, stock_name: str
+    checkpoint_dir: Path,
+    port_path: Path | None,
+    stock_module: str,
+    stock_name: str,
+    *,
+    lazy: bool = False,
 ) -> tuple[Any, dict[str, Any], Any]:
     """(model, config, module) through ``mlx_lm.utils.load_model`` with the user's port module
     (``model_module``) or ``stock_module``: a failing user port is a PortFailure (a finding
-    about the port), a checkpoint mlx-lm itself cannot load an InputError."""
+    about the port), a checkpoint mlx-lm itself cannot load an InputError.  ``lazy``: weights
+    are read when first evaluated (as ``mlx_lm convert`` loads)."""
     from mlx_lm.utils import load_model
 
     arch = _import_port(Path(port_path)) if port_path else importlib.import_module(stock_module)
     try:
         model, config = load_model(
-            checkpoint_dir, get_model_classes=lambda config: (arch.Model, arch.ModelArgs)
+            checkpoint_dir, lazy=lazy,
+            get_model_classes=lambda config: (arch.Model, arch.ModelArgs),
         )
     except Exception as e:
         if port_path:
@@ -82,6 +89,7 @@ class MlxLoadedModel:
         self.layers = _layers(model)
         self.n_layers = len(self.layers)
         self.vocab_size = int(config.get("vocab_size", 0)) or None
+        self.findings: list[str] = []  # what loading noticed (e.g. a quantized directory ran)
         _install_taps(model, self.layers, self._recorder)
 
     def start(self, capture: Collection[str] = ()) -> MlxSession:

@@ -40,7 +40,7 @@ class Capabilities:
     mtp: bool = False  # speculative decoding with the MTP head (it has an MTP loader)
     mtp_captures: bool = False  # its MTP model captures mtp_* points teacher-forced
     slope_introspection: bool = False  # exposes its GLA decays (the slopes check reads them)
-    quantized: bool = False  # runs quantized weights (``outtype=q8_0``, ``quant=<TYPE>``)
+    quantized: bool = False  # runs quantized weights (``quant=<TYPE>``, mlx ``bits=``)
 
     def declared(self) -> tuple[str, ...]:
         """The capabilities this implementation claims, by name."""
@@ -118,12 +118,12 @@ def _entries() -> list[Implementation]:
         Implementation(
             "mlx", "ling26", "mlx-lm's bailing_hybrid (or model_module=)",
             b + "mlx_backend:MlxBackend", b + "mlx_backend:MlxOptions",
-            Capabilities(mtp=True, mtp_captures=True, slope_introspection=True),
+            Capabilities(mtp=True, mtp_captures=True, slope_introspection=True, quantized=True),
             mtp_loader=b + "mlx_mtp:load_mlx_mtp"),
         Implementation(
             "mlx", "ling3", "mlx-lm's bailing_moe_v3 (or model_module=)",
             b + "mlx_backend:MlxBackend", b + "mlx_backend:MlxOptions",
-            Capabilities(mtp=True, mtp_captures=True),
+            Capabilities(mtp=True, mtp_captures=True, quantized=True),
             mtp_loader=b + "mlx_mtp:load_mlx_mtp"),
         *(Implementation(
             "llamacpp", family, f"llama.cpp ({arch}) in a worker process",

@@ -98,7 +98,11 @@ class Target:
         """What ran, for reports and the gate's baseline (keyed by it): ``backend-dtype`` and
         the options as given, except that a quantized llama.cpp candidate is named by its real
         type (``llamacpp-Q4_K_M``; ``llamacpp-Q4_K_M,gguf=<file name>`` for a given quantized
-        file) and a reference on a GGUF's weights by theirs (``,dequantized=<TYPE>``)."""
+        file) and a reference on a GGUF's weights by theirs (``,dequantized=<TYPE>``); likewise
+        a quantized mlx candidate (``mlx-q4g64``) and a reference on an MLX directory's weights
+        (``,dequantized=q4g64``)."""
+        from harness.quant.mlx_quantize import dir_tag, options_tag
+
         head = f"{self.backend}-{self.dtype}"
         items = [(k, v) for k, v in self.extra if k != "model_module"]
         quant = getattr(self.settings, "quant", None)
@@ -110,8 +114,16 @@ class Target:
         elif isinstance(gguf, Path) and (kind := gguf_type(gguf)) not in (None, *UNQUANTIZED):
             head = f"{self.backend}-{kind}"
             items = [(k, gguf.name if k == "gguf" else v) for k, v in items]
+        elif (tag := options_tag(self.settings)) is not None:  # mlx: bits= or a model_dir=
+            head = f"{self.backend}-{tag}"
+            items = [(k, Path(v).name if k == "model_dir" else v) for k, v in items
+                     if k not in ("bits", "group")]
+            items += [("dtype", self.dtype)] if self.dtype != default_dtype(self.backend) else []
         if isinstance(weights, Path) and (kind := gguf_type(weights)) is not None:
             items = [("dequantized", kind) if k == "weights_gguf" else (k, v) for k, v in items]
+        mlx_weights = getattr(self.settings, "weights_mlx", None)
+        if isinstance(mlx_weights, Path) and (kind := dir_tag(mlx_weights)) is not None:
+            items = [("dequantized", kind) if k == "weights_mlx" else (k, v) for k, v in items]
         extra = "".join(f",{k}={v}" for k, v in items)
         module = dict(self.extra).get("model_module")
         if module:

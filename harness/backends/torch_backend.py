@@ -38,6 +38,16 @@ class TorchOptions:
     load: Literal["auto", "memory", "streamed"] | None = None
     # a GGUF whose dequantized weights replace the safetensors (always streamed from the file)
     weights_gguf: Path | None = None
+    # a quantized MLX model directory whose dequantized weights replace the safetensors
+    weights_mlx: Path | None = None
+    # how activations reach each projection: exactly, or rounded as the port's matmul rounds them
+    # (ggml-cpu: q8_0/q8_1/q8_K blocks, f16, bf16 by the weight's GGUF type; weights_gguf only)
+    activations: Literal["exact", "ggml-cpu"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.activations == "ggml-cpu" and self.weights_gguf is None:
+            raise ValueError("activations=ggml-cpu rounds activations by each GGUF tensor's "
+                             "type: it needs weights_gguf=<file>")
 
     def refuse_family(self, family: str) -> None:
         """Called when ``torch`` is handed to another family's implementation (an alias): what
@@ -90,6 +100,8 @@ def build_reference(checkpoint_dir: Path, options: BackendOptions) -> Any:
 
     ref_options = reference_options(options)
     gguf = torch_options(options).weights_gguf
+    if torch_options(options).weights_mlx is not None:
+        return mlx_reference(checkpoint_dir, options)
     if gguf is None:
         return BailingHybridReference.from_checkpoint(checkpoint_dir, ref_options)
     from harness.quant.gguf_quantize import gguf_file_type
@@ -104,9 +116,38 @@ def build_reference(checkpoint_dir: Path, options: BackendOptions) -> Any:
     except (OSError, ValueError) as e:
         raise InputError(f"{cfg_path}: cannot read ({e})") from None
     cfg = load_config(checkpoint_dir)  # validates the config as from_checkpoint does
-    model = BailingHybridReference(cfg, GgufWeights(gguf, config), ref_options)
+    activations = torch_options(options).activations or "exact"
+    if activations == "ggml-cpu" and ref_options.mla_impl != "absorbed":
+        # ggml rounds the query before W_kb and the attended latent before W_vb: absorbed MLA
+        ref_options = replace(ref_options, mla_impl="absorbed")
+    model = BailingHybridReference(cfg, GgufWeights(gguf, config, activations=activations),
+                                   ref_options)
     model.findings = [f"reference weights dequantized from {gguf} ({gguf_file_type(gguf)}), "
-                      "not read from the checkpoint's safetensors"]
+                      "not read from the checkpoint's safetensors"
+                      + ("; activations rounded as ggml-cpu's matmuls round them"
+                         if activations == "ggml-cpu" else "")]
+    return model
+
+
+def mlx_reference(checkpoint_dir: Path, options: BackendOptions) -> Any:
+    """The reference on ``weights_mlx``'s weights (:class:`harness.quant.mlx_weights.MlxWeights`:
+    dequantized with ``mx.dequantize``, under the checkpoint's names; its MTP from the
+    checkpoint), so an MLX candidate's own error is told from its weights'."""
+    from harness.quant.mlx_weights import MlxWeights
+    from references.config import load_config
+    from references.model import BailingHybridReference
+
+    opts = torch_options(options)
+    if opts.weights_gguf is not None:
+        raise InputError(f"torch: options weights_gguf={opts.weights_gguf} and weights_mlx="
+                         f"{opts.weights_mlx} conflict: the reference runs one set of weights")
+    if not (opts.weights_mlx / "config.json").is_file():
+        raise InputError(f"torch: weights_mlx={opts.weights_mlx}: no config.json there (an MLX "
+                         "model directory was expected)")
+    cfg = load_config(checkpoint_dir)  # validates the config as from_checkpoint does
+    weights = MlxWeights(opts.weights_mlx, checkpoint_dir)
+    model = BailingHybridReference(cfg, weights, reference_options(options))
+    model.findings = list(weights.findings)
     return model
 
 

@@ -213,6 +213,12 @@ class PairResult:
     only_candidate: tuple[str, ...] = ()  # points the reference lacks (not compared)
     only_reference: tuple[str, ...] = ()  # points the candidate lacks (not compared)
 
+    @property
+    def informational(self) -> bool:
+        """Held to no bound (a quantized port's quantization-error table): reported, never a
+        verdict."""
+        return self.tolerance is not None and math.isinf(self.tolerance.nmse)
+
     def summary_line(self) -> str:
         """One line for logs and test failure messages."""
         mode = "" if self.mode == "prefill" else f" ({self.mode})"
@@ -224,6 +230,9 @@ class PairResult:
             return f"{head}: FAIL, {why}"
         n = len(self.table)
         worst = _worst(self.table)
+        if self.informational:
+            head = f"{head}: reported, not judged"
+            return head if worst is None else f"{head}, worst nmse {worst[1]:.1e} at {worst[0]}"
         if worst is None:
             return f"{head}: PASS ({n} points compared)"
         return f"{head}: PASS, worst nmse {worst[1]:.1e} at {worst[0]} ({n} points compared)"

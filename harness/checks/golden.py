@@ -11,6 +11,14 @@ name, dtype, shape and a digest of three sampled 4 KiB blocks of its bytes, neve
 the prompt's tokens, the reference target (dtype, load mode, slope convention), the capture
 points, the storage dtype, each shard's size and sha256, and the harness and library versions.
 
+When the checkpoint has an MTP layer, ``capture`` also records the reference's side of the
+``mtp`` check (:class:`harness.checks.mtp.RecordedReference`): its speculative run (steps,
+chain, the trace of next tokens, drafts and acceptance in the manifest; the draft logits as
+``mtp.draft_logits.NNNNN`` arrays), its plain greedy tokens and its teacher-forced ``mtp_*``
+captures (``mtp.capture.<point>``), in the same shards.  A golden run without them (captured
+before, or with ``--modes`` leaving ``mtp`` out) still serves prefill and decode; asked for the
+``mtp`` check it is refused naming what is missing.
+
 Storage is float64 by default: the float64 candidate tolerance (NMSE 1e-18) is below the error
 a float32 store adds (about 1e-15, measured in tests/test_golden_store.py), so only float64
 keeps every verdict and NMSE of a direct run; ``--store-dtype float32`` halves the size and is
@@ -30,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from harness.backends.targets import Target
+from harness.checks.mtp import RecordedReference
 from harness.core.atomic import staged_dir, write_text
 from harness.core.captures import Captures
 from harness.core.errors import InputError
@@ -163,16 +172,47 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+MTP_DRAFTS = "mtp.draft_logits."
+MTP_CAPTURE = "mtp.capture."
+
+
+def mtp_record(recorded: RecordedReference) -> tuple[dict[str, Any], Captures]:
+    """The manifest's ``mtp`` section and the arrays it names, for a recorded MTP reference."""
+    spec = recorded.spec
+    arrays: Captures = {}
+    trace = []
+    for i, step in enumerate(spec.steps):
+        name = None
+        if step.drafts:
+            name = f"{MTP_DRAFTS}{i:05d}"
+            arrays[name] = np.asarray(step.draft_logits, dtype=np.float64)
+        trace.append({"position": step.position, "next_token": step.next_token,
+                      "drafts": list(step.drafts), "accepted": step.accepted,
+                      "draft_logits": name})
+    points = None
+    if recorded.captures is not None:
+        points = list(recorded.captures)
+        arrays.update({f"{MTP_CAPTURE}{p}": np.asarray(v) for p, v in recorded.captures.items()})
+    vocab = int(next(iter(arrays.values())).shape[-1]) if arrays else 0
+    section = {"label": recorded.label, "steps": len(spec.tokens), "chain": spec.chain,
+               "prompt": list(spec.prompt), "tokens": list(spec.tokens),
+               "plain": list(recorded.plain), "trace": trace, "vocab": vocab,
+               "captures": points}
+    return section, arrays
+
+
 def write_golden(out: Path, captures: Captures, manifest: Mapping[str, Any],
-                 store_dtype: str = "float64") -> Path:
-    """Write the captures and ``manifest`` (plus the shards' records) as one folder that
-    appears complete under ``out`` or not at all (harness.core.atomic.staged_dir)."""
+                 store_dtype: str = "float64", mtp: RecordedReference | None = None) -> Path:
+    """Write the captures (and ``mtp``, the reference's side of the MTP check) and
+    ``manifest`` (plus the shards' records) as one folder that appears complete under ``out``
+    or not at all (harness.core.atomic.staged_dir)."""
     from safetensors.numpy import save_file
 
     if store_dtype not in STORE_DTYPES:
         raise InputError(f"--store-dtype {store_dtype!r}; expected one of "
                          f"{', '.join(STORE_DTYPES)}")
-    shards = _shards(captures, store_dtype)
+    section, arrays = mtp_record(mtp) if mtp is not None else (None, {})
+    shards = _shards({**captures, **arrays}, store_dtype)
     with staged_dir(out) as tmp:
         files = []
         for i, shard in enumerate(shards):
@@ -182,6 +222,8 @@ def write_golden(out: Path, captures: Captures, manifest: Mapping[str, Any],
                           "sha256": _file_digest(tmp / name), "points": sorted(shard)})
         full = {"format": FORMAT, **manifest, "store_dtype": store_dtype,
                 "capture_points": list(captures), "files": files}
+        if section is not None:
+            full["mtp"] = section
         write_text(tmp / MANIFEST, json.dumps(full, indent=1))
     return out
 
@@ -238,11 +280,59 @@ class GoldenRun:
     def captures(self) -> Captures:
         """Every stored capture; a missing, truncated or altered shard is an InputError naming
         the file (its size and sha256 are checked against the manifest before it is parsed)."""
+        return self._read(self.manifest["capture_points"], "capture points")
+
+    @property
+    def has_mtp(self) -> bool:
+        return isinstance(self.manifest.get("mtp"), dict)
+
+    def require_mtp(self) -> None:
+        """InputError naming what is missing when the MTP check cannot be served."""
+        if not self.has_mtp:
+            raise InputError(
+                f"{self.path / MANIFEST}: holds no MTP captures (the reference's speculative "
+                "run, draft logits and mtp_* points), which --modes mtp needs; capture again "
+                "with mtp in --modes (the default on a checkpoint with an MTP layer), or leave "
+                "mtp out of --modes")
+
+    def mtp(self) -> RecordedReference:
+        """The reference's side of the MTP check (:meth:`require_mtp` first)."""
+        from harness.checks.mtp_decoding import DraftStep, SpecResult
+
+        self.require_mtp()
+        sec = self.manifest["mtp"]
+        where = f"{self.path / MANIFEST} (mtp)"
+        try:
+            names = [t["draft_logits"] for t in sec["trace"] if t["draft_logits"]]
+            points = sec["captures"]
+            arrays = self._read(names + [f"{MTP_CAPTURE}{p}" for p in points or ()],
+                                "MTP arrays")
+            steps = tuple(
+                DraftStep(int(t["position"]), int(t["next_token"]),
+                          tuple(int(d) for d in t["drafts"]), int(t["accepted"]),
+                          arrays[t["draft_logits"]].astype(np.float64) if t["draft_logits"]
+                          else np.zeros((0, int(sec["vocab"]))))
+                for t in sec["trace"])
+            spec = SpecResult(tuple(int(x) for x in sec["prompt"]),
+                              tuple(int(x) for x in sec["tokens"]), steps, int(sec["chain"]))
+            caps = (None if points is None else
+                    {p: _widened(arrays[f"{MTP_CAPTURE}{p}"]) for p in points})
+            plain = tuple(int(x) for x in sec["plain"])
+            label = str(sec["label"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{where}: malformed MTP record ({type(e).__name__}: {e})") from None
+        return RecordedReference(label, spec, plain, caps, where)
+
+    def _read(self, names: Sequence[str], what: str) -> Captures:
+        """The stored arrays ``names``, each shard verified before it is parsed."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
+        wanted = set(names)
         out: Captures = {}
         for rec in self.manifest["files"]:
+            if not wanted & set(rec.get("points", wanted)):
+                continue
             path = self.path / rec["file"]
             if not path.is_file():
                 raise InputError(f"{path}: golden capture file missing")
@@ -257,12 +347,17 @@ class GoldenRun:
                 shard = load_file(str(path))
             except (SafetensorError, OSError, ValueError) as e:
                 raise InputError(f"{path}: unreadable golden capture file ({e})") from None
-            out.update(shard)
-        missing = [p for p in self.manifest["capture_points"] if p not in out]
+            out.update((k, v) for k, v in shard.items() if k in wanted)
+        missing = [p for p in names if p not in out]
         if missing:
-            raise InputError(f"{self.path / MANIFEST}: capture points {_listed(missing)} are in "
+            raise InputError(f"{self.path / MANIFEST}: {what} {_listed(missing)} are in "
                              "no capture file")
-        return {p: out[p] for p in self.manifest["capture_points"]}
+        return {p: out[p] for p in names}
+
+
+def _widened(array: np.ndarray) -> np.ndarray:
+    """A stored float array as float64 (what the reference's captures are)."""
+    return array.astype(np.float64) if array.dtype.kind == "f" else array
 
 
 REQUIRED_KEYS = ("tokens", "reference", "config_sha256", "fingerprint", "files",
@@ -288,3 +383,46 @@ def open_golden(path: Path) -> GoldenRun:
         raise InputError(f"{where}: store_dtype {manifest['store_dtype']!r}; expected one of "
                          f"{', '.join(STORE_DTYPES)}")
     return GoldenRun(Path(path), manifest)
+
+
+# --- one golden run per case and prompt (``capture --cases``, ``pytest cases --golden``) ----
+def case_golden_path(root: Path, case: str, prompt: str) -> Path:
+    """Where ``capture --cases ... --out ROOT`` puts a case prompt's golden run."""
+    return Path(root) / case / prompt
+
+
+def open_case_golden(root: Path, case: str, prompt: str, checkpoint: Path,
+                     tokens: Sequence[int], reference: Target) -> GoldenRun:
+    """The golden run of one case prompt under ``root``, checked against the case's checkpoint
+    (config and weights), prompt and reference; InputError naming what is missing or differs
+    (never a fallback to the live reference)."""
+    from references.config import read_config_json
+
+    path = case_golden_path(root, case, prompt)
+    if not (path / MANIFEST).is_file():
+        raise InputError(f"{path / MANIFEST}: not found: --golden {root} holds no golden run of "
+                         f"case {case} prompt {prompt} (write them with `python -m harness "
+                         f"capture --cases {case} --out DIR`)")
+    golden = open_golden(path)
+    golden.check_checkpoint(Path(checkpoint), read_config_json(Path(checkpoint) / "config.json"))
+    golden.check_tokens(tokens, f"case {case} prompt {prompt}")
+    if _unloaded(golden.reference) != _unloaded(reference):
+        raise InputError(f"{path / MANIFEST}: captured with the reference "
+                         f"{golden.reference.label}, this run's is {reference.label}")
+    return golden
+
+
+def _unloaded(target: Target) -> Target:
+    """``target`` without its weight-loading mode (streamed and in-memory agree exactly)."""
+    return Target(target.backend, target.dtype, tuple(kv for kv in target.extra
+                                                      if kv[0] != "load"))
+
+
+def check_candidates(golden: GoldenRun, candidates: Sequence[Target]) -> None:
+    """A float32 store cannot judge a float64 candidate (its rounding exceeds the tolerance)."""
+    if golden.store_dtype == "float64":
+        return
+    wide = [c.label for c in candidates if c.dtype == "float64"]
+    if wide:
+        raise InputError(f"{golden.path}: stored in {golden.store_dtype}, too coarse for the "
+                         f"float64 candidate(s) {', '.join(wide)} (NMSE tolerance 1e-18)")

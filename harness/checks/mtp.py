@@ -28,9 +28,11 @@ from harness.checks.mtp_decoding import (
     draft_agreement,
     plain_greedy,
     replay_drafts,
+    shared_draft_rows,
     speculative_greedy,
 )
 from harness.checks.mtp_store import EXTRA_COLUMNS, MTP_COLUMNS, mtp_frame, save_mtp
+from harness.core.captures import Captures
 from harness.core.errors import InputError, PortFailure, describe_exception
 from harness.core.tolerances import Tolerance
 
@@ -45,14 +47,18 @@ __all__ = [
     "MtpSection",
     "MtpSession",
     "OracleDrafts",
+    "RecordedReference",
     "SpecResult",
     "default_draft_tolerance",
     "draft_agreement",
     "first_mtp_divergence",
+    "first_recorded_divergence",
     "load_mtp_model",
+    "mtp_captures_declared",
     "mtp_frame",
     "mtp_section",
     "plain_greedy",
+    "record_reference",
     "replay_drafts",
     "save_mtp",
     "speculative_greedy",
@@ -69,6 +75,11 @@ def load_mtp_model(target: Target, checkpoint_dir: Path) -> MtpModel:
     impl = _implementation(target, checkpoint_dir)
     require(target.backend, impl.family, "mtp")
     return impl.load_mtp(Path(checkpoint_dir), target.options(), target.label)
+
+
+def mtp_captures_declared(target: Target, checkpoint_dir: Path) -> bool:
+    """Whether ``target``'s MTP model captures mtp_* points teacher-forced on this family."""
+    return _implementation(target, checkpoint_dir).capabilities.mtp_captures
 
 
 def _implementation(target: Target, checkpoint_dir: Path) -> Implementation:
@@ -149,6 +160,42 @@ def default_draft_tolerance(target: Target) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class RecordedReference:
+    """The reference's side of the MTP check, saved by ``capture`` (a golden run) so that
+    candidates are judged without loading the reference: its speculative run (draft rows as
+    :func:`replay_drafts` gives them on that run), its plain greedy tokens, and its teacher-forced
+    mtp_* captures (None when its implementation captures none)."""
+
+    label: str
+    spec: SpecResult
+    plain: tuple[int, ...]
+    captures: Captures | None
+    source: str  # where it was read from, named in errors
+
+    def check(self, tokens: Sequence[int], steps: int, chain: int) -> None:
+        """InputError when the recording was made for another prompt or other settings."""
+        held = (list(self.spec.prompt), len(self.spec.tokens), self.spec.chain)
+        if held != (list(tokens), steps, chain):
+            raise InputError(
+                f"{self.source}: its MTP run is of {len(self.spec.prompt)} prompt tokens, "
+                f"{len(self.spec.tokens)} steps, chain {self.spec.chain}; this check runs "
+                f"{len(tokens)} tokens, {steps} steps, chain {chain} (capture again)")
+
+
+def record_reference(model: MtpModel, tokens: Sequence[int], steps: int, chain: int,
+                     with_captures: bool, source: str = "") -> RecordedReference:
+    """Everything the MTP check takes from the reference, computed once (``capture``)."""
+    spec = speculative_greedy(model, tokens, steps, chain)
+    rows = replay_drafts(model, spec)  # what a live check compares equal-trace candidates with
+    spec = SpecResult(spec.prompt, spec.tokens, tuple(
+        DraftStep(s.position, s.next_token, s.drafts, s.accepted, r)
+        for s, r in zip(spec.steps, rows, strict=True)), spec.chain)
+    plain = tuple(plain_greedy(model, tokens, steps))
+    caps = model.capture(tokens) if with_captures else None  # type: ignore[attr-defined]
+    return RecordedReference(model.label, spec, plain, caps, source)
+
+
 @dataclass
 class MtpPrompt:
     case: str
@@ -178,12 +225,19 @@ class MtpRunner:
         return self._models[key]
 
     def run(
-        self, checkpoint: Path, prompt: MtpPrompt, candidates: Sequence[Target]
+        self, checkpoint: Path, prompt: MtpPrompt, candidates: Sequence[Target],
+        recorded: RecordedReference | None = None,
     ) -> list[MtpRun]:
-        """The reference's run, then each candidate's compared with it (reference row first)."""
-        ref_model = self.model(self.reference, checkpoint)
-        ref = speculative_greedy(ref_model, prompt.tokens, self.steps, self.chain)
-        ref_plain = plain_greedy(ref_model, prompt.tokens, self.steps)
+        """The reference's run, then each candidate's compared with it (reference row first);
+        with ``recorded`` (a golden run) the reference's side is read, never loaded."""
+        ref_model: MtpModel | RecordedReference
+        if recorded is None:
+            ref_model = self.model(self.reference, checkpoint)
+            ref = speculative_greedy(ref_model, prompt.tokens, self.steps, self.chain)
+            ref_plain = plain_greedy(ref_model, prompt.tokens, self.steps)
+        else:
+            recorded.check(prompt.tokens, self.steps, self.chain)
+            ref_model, ref, ref_plain = recorded, recorded.spec, list(recorded.plain)
         out = [
             MtpRun(
                 prompt.case,
@@ -215,7 +269,7 @@ class MtpRunner:
         prompt: MtpPrompt,
         target: Target,
         ref: SpecResult,
-        ref_model: MtpModel,
+        ref_model: MtpModel | RecordedReference,
     ) -> MtpRun:
         try:
             model = self.model(target, checkpoint)
@@ -228,7 +282,9 @@ class MtpRunner:
             msg = describe_exception(e)
             self.findings.append(f"{target.label} MTP on {prompt.case}/{prompt.name}: {msg}")
             return MtpRun(prompt.case, prompt.name, target.label, None, error=msg)
-        nmse_max, top1 = draft_agreement(spec, replay_drafts(ref_model, spec))
+        rows = (shared_draft_rows(spec, ref) if isinstance(ref_model, RecordedReference)
+                else replay_drafts(ref_model, spec))
+        nmse_max, top1 = draft_agreement(spec, rows)
         same = spec.trace() == ref.trace()
         if not same:
             self.findings.append(
@@ -262,16 +318,22 @@ class MtpRunner:
         return run
 
     def _first_divergence(
-        self, model: MtpModel, ref_model: MtpModel, prompt: MtpPrompt, target: Target,
-        checkpoint: Path,
+        self, model: MtpModel, ref_model: MtpModel | RecordedReference, prompt: MtpPrompt,
+        target: Target, checkpoint: Path,
     ) -> str:
         """"" when no tolerance applies or either side declares no ``mtp_captures``."""
         tol = self.draft_tolerance(target)
-        if tol is None or not all(_implementation(t, checkpoint).capabilities.mtp_captures
-                                  for t in (target, self.reference)):
+        recorded = isinstance(ref_model, RecordedReference)
+        ref_captures = (ref_model.captures is not None if recorded else
+                        _implementation(self.reference, checkpoint).capabilities.mtp_captures)
+        if (tol is None or not ref_captures
+                or not _implementation(target, checkpoint).capabilities.mtp_captures):
             return ""
         try:
-            return first_mtp_divergence(model, ref_model, prompt.tokens, tol)
+            if recorded:
+                return first_recorded_divergence(model, ref_model.captures,  # type: ignore
+                                                 prompt.tokens, tol)
+            return first_mtp_divergence(model, ref_model, prompt.tokens, tol)  # type: ignore
         except (InputError, PortFailure) as e:
             self.findings.append(f"{target.label} MTP capture on {prompt.case}/{prompt.name}: {e}")
         except Exception as e:  # a port whose capture crashes is a finding, not a harness crash
@@ -291,7 +353,17 @@ def first_mtp_divergence(
     Both models must have ``capture`` (their implementations declare ``mtp_captures``)."""
     if len(tokens) < 2:
         return ""
-    df = compare_captures(model.capture(tokens), reference.capture(tokens),  # type: ignore[attr-defined]
+    return first_recorded_divergence(model, reference.capture(tokens),  # type: ignore[attr-defined]
+                                     tokens, nmse_tolerance)
+
+
+def first_recorded_divergence(model: MtpModel, reference: Captures, tokens: Sequence[int],
+                              nmse_tolerance: float) -> str:
+    """:func:`first_mtp_divergence` against the reference's captures already taken (a golden
+    run's, or a live reference's)."""
+    if len(tokens) < 2:
+        return ""
+    df = compare_captures(model.capture(tokens), reference,  # type: ignore[attr-defined]
                           Tolerance(nmse=nmse_tolerance))
     return first_divergence(df) or "none"
 

@@ -32,6 +32,7 @@ __all__ = [
     "draft_agreement",
     "plain_greedy",
     "replay_drafts",
+    "shared_draft_rows",
     "speculative_greedy",
 ]
 
@@ -250,17 +251,48 @@ def replay_drafts(reference: MtpModel, result: SpecResult) -> list[np.ndarray]:
 
 def draft_agreement(result: SpecResult, reference_rows: list[np.ndarray]) -> tuple[float, float]:
     """(max NMSE over steps, top-1 agreement over draft rows) of the run's draft logits against
-    the reference's (NMSE normalised by the reference, as everywhere in the harness)."""
+    the reference's (NMSE normalised by the reference, as everywhere in the harness); a step's
+    rows beyond the reference's (:func:`shared_draft_rows`) are not compared."""
     nmses, same, rows = [], 0, 0
     for step, ref in zip(result.steps, reference_rows, strict=True):
-        if not step.drafts:
+        if not len(ref):  # no draft, or none in a context the reference drafted in
             continue
-        nmses.append(nmse(step.draft_logits, ref))
-        same += int(np.sum(np.argmax(step.draft_logits, -1) == np.argmax(ref, -1)))
-        rows += len(step.drafts)
+        mine = step.draft_logits[: len(ref)]
+        nmses.append(nmse(mine, ref))
+        same += int(np.sum(np.argmax(mine, -1) == np.argmax(ref, -1)))
+        rows += len(ref)
     if not rows:
         return math.nan, math.nan
     return max(nmses), same / rows
+
+
+def shared_draft_rows(result: SpecResult, reference: SpecResult) -> list[np.ndarray]:
+    """The reference run's draft rows that were drafted in the same context as ``result``'s, per
+    step of ``result`` (what :func:`replay_drafts` would give, without the reference's weights:
+    a golden run holds only the reference's own run).
+
+    A step's first row shares its context while every earlier step and its next token agree; a
+    chained row also needs the drafts before it to agree.  Past the first difference the rows are
+    left out (a run that drafts differently fails the check anyway); on equal traces every row is
+    there, and when the recorded rows are :func:`replay_drafts` of the reference's own run they
+    are exactly what a live replay would give."""
+    out: list[np.ndarray] = []
+    same = True
+    for i, step in enumerate(result.steps):
+        vocab = step.draft_logits.shape[-1]
+        ref = reference.steps[i] if same and i < len(reference.steps) else None
+        if ref is None or ref.next_token != step.next_token:
+            same = False
+            out.append(np.zeros((0, vocab)))
+            continue
+        n = 0
+        while n < min(len(step.drafts), len(ref.drafts)):
+            n += 1  # row n-1 shares the context; the next one needs draft n-1 equal too
+            if step.drafts[n - 1] != ref.drafts[n - 1]:
+                break
+        out.append(ref.draft_logits[:n])
+        same = (step.drafts, step.accepted) == (ref.drafts, ref.accepted)
+    return out
 
 
 class OracleDrafts:

@@ -178,15 +178,63 @@ class PairCheck(Check):
 
     def judge(self, session: CheckSession, subject: Subject, candidate: Target,
               reference: Target) -> CheckResult:
-        res = session.compare(case=subject.name, prompt=subject.prompt,
-                              checkpoint=subject.checkpoint, tokens=subject.tokens,
-                              candidate=candidate, reference=reference,
-                              tolerance=subject.tolerance(candidate.dtype), mode=self.mode,
-                              n_decode=subject.decode_steps)
+        from harness.checks.quantized import dequantized_reference
+
+        with port_boundary(candidate.label, "could not be prepared"):
+            dequantized = dequantized_reference(candidate, subject.checkpoint, reference)
+        if dequantized is not None:
+            return self.judge_quantized(session, subject, candidate, reference, dequantized)
+        res = self.compare_with(session, subject, candidate, reference,
+                                subject.tolerance(candidate.dtype), self.mode)
         message = res.summary_line()
         if not res.passed and res.first_divergence:
             message = f"{message}\n  {explain_divergence(res.first_divergence)}".rstrip()
         return self.result(subject, candidate, reference, res.passed, message, res)
+
+    def judge_quantized(self, session: CheckSession, subject: Subject, candidate: Target,
+                        reference: Target, dequantized: Target) -> CheckResult:
+        """Port correctness (the candidate vs the reference on its own weights: decides) and
+        quantization error (that reference vs the original: reported once per prompt)."""
+        from harness.checks.quantized import (
+            INFORMATIONAL,
+            LAYER_LOCAL,
+            anchored_captures,
+            verdict_text,
+        )
+
+        cand = session.captures(candidate, subject.checkpoint, subject.tokens, self.mode,
+                                subject.decode_steps)
+        local, unanchored = anchored_captures(session.model(dequantized, subject.checkpoint),
+                                              subject.tokens, cand)
+        if unanchored:
+            session.note(f"{candidate.label} does not name {', '.join(unanchored)}: what "
+                         "follows them is compared from the reference's own values, not "
+                         "sublayer-local")
+        lifecycle.stage("comparing")
+        port = compare_pair(subject.name, subject.prompt, candidate.label,
+                            f"{dequantized.label},{LAYER_LOCAL}", cand, local,
+                            subject.tolerance("quantized"), mode=self.mode)
+        session.results.append(port)
+        loss = next((r for r in session.results
+                     if (r.case, r.prompt, r.candidate, r.reference, r.mode)
+                     == (subject.name, subject.prompt, dequantized.label, reference.label,
+                         "prefill")), None)
+        if loss is None:
+            loss = self.compare_with(session, subject, dequantized, reference, INFORMATIONAL,
+                                     "prefill")
+        session.release(subject.checkpoint, dequantized)
+        message = verdict_text(port, loss)
+        if not port.passed and port.first_divergence:
+            message = f"{message}\n  {explain_divergence(port.first_divergence)}"
+        return self.result(subject, candidate, reference, port.passed, message, port)
+
+    @staticmethod
+    def compare_with(session: CheckSession, subject: Subject, candidate: Target,
+                     reference: Target, tolerance: Tolerance, mode: str) -> PairResult:
+        return session.compare(case=subject.name, prompt=subject.prompt,
+                               checkpoint=subject.checkpoint, tokens=subject.tokens,
+                               candidate=candidate, reference=reference, tolerance=tolerance,
+                               mode=mode, n_decode=subject.decode_steps)
 
     @classmethod
     def compare(cls, runner: Runner, *, case: str, prompt: str, checkpoint: Path,
@@ -226,9 +274,13 @@ class GreedyCheck(Check):
     def judge(self, session: CheckSession, subject: Subject, candidate: Target,
               reference: Target) -> CheckResult:
         from harness.checks.greedy import GREEDY_STEPS, greedy_compare
+        from harness.checks.quantized import dequantized_reference
 
+        with port_boundary(candidate.label, "could not be prepared"):
+            dequantized = dequantized_reference(candidate, subject.checkpoint, reference)
+        # a quantized port decodes greedily as the reference on its own weights does
         cand = session.model(candidate, subject.checkpoint)
-        ref = session.model(reference, subject.checkpoint)
+        ref = session.model(dequantized or reference, subject.checkpoint)
         with port_boundary(candidate.label, "crashed in greedy decode"):
             res = greedy_compare(cand, ref, subject.tokens,
                                  max(subject.decode_steps, GREEDY_STEPS))
@@ -240,8 +292,7 @@ class MtpCheck(Check):
     greedy output must be the reference's (harness.checks.mtp); models come from the session."""
 
     name = "mtp"
-    per_case = True
-    needs_reference_weights = True
+    per_case = True  # a golden run serves it when it recorded the reference's MTP side
 
     def applies(self, subject: Subject) -> bool:
         return super().applies(subject) and subject.has_mtp
@@ -253,12 +304,20 @@ class MtpCheck(Check):
         if not supports(candidate, "mtp", subject.family):
             return CheckResult(self.name, subject, candidate, reference, Status.SKIPPED,
                                f"no MTP driver for {candidate.backend} in the harness yet")
+        from harness.checks.quantized import dequantized_reference
+
         tolerance = subject.tolerance(candidate.dtype).nmse
-        mtp = MtpRunner(steps=MTP_STEPS, reference=reference,
+        with port_boundary(candidate.label, "could not be prepared"):
+            dequantized = dequantized_reference(candidate, subject.checkpoint, reference)
+        if dequantized is not None:  # a quantized port drafts as the reference on its weights
+            tolerance = subject.tolerance("quantized").nmse
+        mtp = MtpRunner(steps=MTP_STEPS, reference=dequantized or reference,
                         draft_tolerance=lambda target: tolerance)
         mtp.model = lambda target, checkpoint: session.mtp_model(target, checkpoint)
         prompt = MtpPrompt(subject.name, subject.prompt, subject.tokens)
-        ref, cand = mtp.run(subject.checkpoint, prompt, [candidate])
+        recorded = (None if dequantized is not None
+                    else session.recorded_mtp(reference, subject.checkpoint, subject.tokens))
+        ref, cand = mtp.run(subject.checkpoint, prompt, [candidate], recorded)
         session.note(*mtp.findings)
         known = {(r.case, r.prompt, r.backend) for r in session.mtp_runs}
         session.mtp_runs.extend(r for r in (ref, cand)
@@ -296,8 +355,12 @@ class SlopesCheck(Check):
         if convention is None or not subject.has_slopes:
             return CheckResult(self.name, subject, candidate, reference, Status.SKIPPED,
                                "no GLA decay slopes in this family")
+        from harness.checks.quantized import dequantized_reference
+
+        with port_boundary(candidate.label, "could not be prepared"):
+            dequantized = dequantized_reference(candidate, subject.checkpoint, reference)
         verdict = diagnose(candidate.label, session.model(candidate, subject.checkpoint),
-                           session.slope_references(subject.checkpoint),
+                           session.slope_references(subject.checkpoint, dequantized),
                            expected=convention.slope)
         verdict.backend = f"{candidate.label} on {subject.name}"
         session.slope_verdicts.append(verdict)
@@ -357,6 +420,8 @@ class CheckSession(Runner):
     references beside them, one verdict row per check, and the run's finishing steps."""
 
     mtp_models: dict[tuple[Target, Path], Any] = field(default_factory=dict)
+    # (reference, checkpoint, tokens) -> the golden run (GoldenRun) standing for the reference
+    golden_runs: dict[tuple[Target, Path, tuple[int, ...]], Any] = field(default_factory=dict)
 
     def compare(
         self,
@@ -378,6 +443,20 @@ class CheckSession(Runner):
         return check.compare(self, case=case, prompt=prompt, checkpoint=checkpoint,
                              tokens=tokens, candidate=candidate, reference=reference,
                              tolerance=tolerance, mode=mode, n_decode=n_decode)
+
+    def seed_golden(self, reference: Target, checkpoint: Path, tokens: Sequence[int],
+                    decode_steps: int, golden: Any) -> None:
+        """Let a golden run (harness.checks.golden.GoldenRun) stand for ``reference`` on this
+        prompt: its prefill captures now, its MTP side when the mtp check asks; the
+        reference's weights are never loaded for it."""
+        self.seed(reference, checkpoint, tokens, decode_steps, golden.captures())
+        self.golden_runs[(reference, Path(checkpoint), tuple(tokens))] = golden
+
+    def recorded_mtp(self, reference: Target, checkpoint: Path, tokens: Sequence[int]) -> Any:
+        """The golden run's MTP side for this prompt (RecordedReference), None when the
+        reference runs live; InputError when a golden run stands for it without one."""
+        golden = self.golden_runs.get((reference, Path(checkpoint), tuple(tokens)))
+        return None if golden is None else golden.mtp()
 
     def note(self, *findings: str) -> None:
         """Keep findings once each, in the order they were first seen."""
@@ -414,16 +493,21 @@ class CheckSession(Runner):
 
                 self.mtp_models[key] = ReferenceMtpModel(loaded, target.label)  # type: ignore
             else:
+                self.loaded.append(target.label)
                 self.mtp_models[key] = load_mtp_model(target, checkpoint)
         return self.mtp_models[key]
 
-    def slope_references(self, checkpoint: Path) -> dict[str, LoadedModel]:
+    def slope_references(self, checkpoint: Path, base: Target | None = None
+                         ) -> dict[str, LoadedModel]:
         """The float64 reference under each GLA slope formula, loaded through the session: the
-        one on the run's own convention is the run's reference, never loaded twice."""
+        one on the run's own convention is the run's reference, never loaded twice.  ``base``:
+        another reference to vary (a quantized port's, on its own weights)."""
         from harness.checks.slope_convention import chosen
         from harness.checks.slope_diagnostics import FORMULAS
 
-        base = Target.parse(REFERENCE)
+        base = base or Target.parse(REFERENCE)
+        base = Target(base.backend, base.dtype,  # each formula names its own slope
+                      tuple((k, v) for k, v in base.extra if k != "slope_formula"))
         return {f: self.model(chosen(f, "slopes check").target(base), checkpoint)
                 for f in FORMULAS}
 

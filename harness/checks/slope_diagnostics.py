@@ -27,13 +27,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from harness.backends.base import LoadedModel, forward
 from harness.core.metrics import nmse
 from references.gla import gla_chunked
 from references.model import BailingHybridReference, GLAWeights, ReferenceOptions
-from references.ops import layer_factor, log_decay, rms_norm, rope, slopes
+from references.ops import layer_factor, linear, log_decay, rms_norm, rope, slopes
 from references.variant import Variant
 
 FORMULAS: tuple[str, ...] = ("corrected", "hf_off_by_one")
@@ -179,7 +178,8 @@ def _gla_qkv(
     w = ref.blocks[layer].attention
     assert isinstance(w, GLAWeights)
     t, n_heads, d = a.shape[0], cfg.num_attention_heads, cfg.head_dim
-    qkv = F.linear(a, w.qkv).view(t, 3 * n_heads, d).transpose(0, 1)
+    # as the layer applies it (a quantized port's input rounded like its matmul rounds it)
+    qkv = linear(a, w.qkv).view(t, 3 * n_heads, d).transpose(0, 1)
     q, k, v = qkv.split(n_heads, dim=0)
     if cfg.use_qk_norm:
         q, k = rms_norm(q, w.q_norm, ref.eps), rms_norm(k, w.k_norm, ref.eps)

@@ -3,6 +3,11 @@ and the ``parity --golden`` side that reads one back instead of loading the refe
 
     python -m harness capture --checkpoint DIR [--prompt-tokens FILE] --out GOLDEN
     python -m harness parity --checkpoint DIR --golden GOLDEN --backends mlx,llamacpp
+    python -m harness capture --cases NAMES --out GOLDENS   # one per case and prompt
+    pytest cases --cases NAMES --golden GOLDENS
+
+On a checkpoint with an MTP layer the reference's side of the ``mtp`` check is recorded too
+(``--modes`` without mtp leaves it out).
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.backends.targets import REFERENCE, Target
 from harness.checks.golden import (
     STORE_DTYPES,
     GoldenRun,
+    case_golden_path,
     checkpoint_fingerprint,
     config_digest,
     open_golden,
@@ -26,19 +32,32 @@ from harness.checks.golden import (
 from harness.checks.slope_convention import CHOICES as SLOPE_CHOICES
 from harness.core.errors import InputError
 
+if TYPE_CHECKING:
+    from harness.checks.session import CheckSession
+
+CAPTURE_MODES = ("prefill", "decode", "mtp")  # the checks a golden run can serve
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "capture", help="run only the float64 reference and save its captures (a golden run) "
-                        "for `parity --golden` on another machine")
+                        "for `parity --golden` (or `pytest cases --golden`) on another machine")
     p.set_defaults(func=run)
-    p.add_argument("--checkpoint", type=Path, required=True,
+    p.add_argument("--checkpoint", type=Path,
                    help="HF-layout directory: config.json + model*.safetensors (+ index)")
+    p.add_argument("--cases", default=None,
+                   help="instead of --checkpoint: comma-separated case names; one golden run "
+                        "per case and prompt, OUT/<case>/<prompt>/, for `pytest cases --golden "
+                        "OUT`")
     p.add_argument("--out", type=Path, required=True,
                    help="the golden run's folder (must not exist or be empty)")
     from harness.cli.prompts import add_prompt_arguments
 
     add_prompt_arguments(p)  # a golden run holds one prompt
+    p.add_argument("--modes", default=None,
+                   help="the checks the golden run must serve, any of "
+                        f"{','.join(CAPTURE_MODES)} (default: all that apply; mtp records the "
+                        "MTP head's run and captures, on a checkpoint with an MTP layer)")
     p.add_argument("--decode-steps", type=int, default=8,
                    help="checked like parity's (the reference's prefill serves decode checks)")
     p.add_argument("--reference", default=REFERENCE, help=f"default {REFERENCE}")
@@ -55,27 +74,80 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="allow a prompt longer than the config's max_position_embeddings")
 
 
+def capture_modes(text: str | None, has_mtp: bool, where: str) -> list[str]:
+    """``--modes`` of ``capture``: the checks a golden run serves (default: all that apply)."""
+    from harness.checks.session import parse_modes
+
+    if text is None:
+        return [m for m in CAPTURE_MODES if m != "mtp" or has_mtp]
+    modes = parse_modes(text)
+    if other := [m for m in modes if m not in CAPTURE_MODES]:
+        raise InputError(f"--modes {','.join(other)}: these checks run the reference itself; "
+                         f"a golden run serves {', '.join(CAPTURE_MODES)}")
+    if "mtp" in modes and not has_mtp:
+        raise InputError(f"--modes mtp: {where} has no MTP layer (num_nextn_predict_layers)")
+    return modes
+
+
+@dataclass(frozen=True)
+class CaptureJob:
+    """One golden run to write: a checkpoint, a prompt, the reference and what to record."""
+
+    checkpoint: Path
+    tokens: list[int]
+    decode_steps: int
+    reference: Target
+    convention: Any  # SlopeConvention | None
+    load: str
+    mtp: bool  # record the reference's side of the mtp check
+    out: Path
+
+
 def run(args: argparse.Namespace) -> int:
-    """Validate everything, run the reference once, write the golden run atomically."""
+    """Validate everything, run the reference once per prompt, write the golden run(s)
+    atomically (``--cases``: one folder holding a golden run per case and prompt)."""
     import os
 
-    from harness.backends.families import load_checkpoint_config
-    from harness.checks.runner import Runner
-    from harness.cli.inputs import (
-        check_prompt_limits,
-        checkpoint_convention,
-        reference_target,
-    )
-    from harness.cli.prompts import prompts_from_args
+    from harness.checks.session import CheckSession
+    from harness.core.atomic import staged_dir
     from references.checkpoint_io import ALLOW_EXTRA_ENV
-    from references.config import read_config_json
 
     if args.allow_extra_tensors:
         os.environ[ALLOW_EXTRA_ENV] = "1"
-    _, cfg = load_checkpoint_config(args.checkpoint)
+    if (args.checkpoint is None) == (args.cases is None):
+        raise InputError("capture: give --checkpoint DIR or --cases NAMES (one of them)")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise InputError(f"{args.out}: exists and is not an empty folder; a golden run is "
                          "never overwritten")
+    if args.cases is None:
+        job = _checkpoint_job(args)
+        session = CheckSession()
+        said = _capture(job, args.store_dtype, session)
+        session.release()
+        print(f"golden run: {job.out} ({said})")
+        return 0
+    jobs = _case_jobs(args)
+    session = CheckSession()
+    with staged_dir(args.out) as tmp:
+        for i, job in enumerate(jobs):
+            said = _capture(CaptureJob(**{**job.__dict__, "out": tmp / job.out}),
+                            args.store_dtype, session)
+            print(f"golden run: {args.out / job.out} ({said})")
+            if i + 1 == len(jobs) or jobs[i + 1].checkpoint != job.checkpoint:
+                session.release()  # one case's reference in memory at a time
+    print(f"golden runs: {args.out} ({len(jobs)} prompts; pytest cases --golden {args.out})")
+    return 0
+
+
+def _checkpoint_job(args: argparse.Namespace) -> CaptureJob:
+    from harness.backends.families import load_checkpoint_config
+    from harness.cli.inputs import check_prompt_limits, checkpoint_convention, reference_target
+    from harness.cli.prompts import prompts_from_args
+
+    _, cfg = load_checkpoint_config(args.checkpoint)
+    modes = capture_modes(args.modes,
+                          int(getattr(cfg, "num_nextn_predict_layers", 0) or 0) > 0,
+                          str(args.checkpoint))
     prompts = prompts_from_args(args, args.checkpoint.resolve(), cfg.vocab_size)
     if len(prompts) != 1:
         raise InputError(f"{args.prompt_file}: a golden run holds one prompt, the file gives "
@@ -87,29 +159,73 @@ def run(args: argparse.Namespace) -> int:
     reference = reference_target(args.reference, args.reference_load)
     if convention is not None:
         reference = convention.target(reference)
-    runner = Runner()
-    ok, why = runner.availability(reference)
+    return CaptureJob(args.checkpoint.resolve(), tokens, args.decode_steps, reference,
+                      convention, args.reference_load, "mtp" in modes, args.out)
+
+
+def _case_jobs(args: argparse.Namespace) -> list[CaptureJob]:
+    """``--cases``: each case's prompts, decode steps and slope convention, as pytest runs
+    them; the mtp side on each case's first prompt (where the mtp check runs)."""
+    from harness.checks.cases import load_cases, materialize
+    from harness.checks.slope_convention import case_convention
+    from harness.cli.inputs import reference_target
+
+    for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--slope", args.slope),
+                        ("--prompt-text", args.prompt_text), ("--prompt-file", args.prompt_file),
+                        ("--chat", args.chat or None)):
+        if value is not None:
+            raise InputError(f"{flag}: not with --cases (a case names its checkpoint, prompts "
+                             "and slope convention)")
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    if not names:
+        raise InputError(f"--cases: no case given in {args.cases!r}")
+    jobs = []
+    for case in load_cases(names):
+        has_mtp = int(case.config.get("num_nextn_predict_layers") or 0) > 0
+        modes = capture_modes(args.modes, has_mtp, f"case {case.name}")
+        convention = case_convention(case)
+        reference = convention.target(reference_target(args.reference, args.reference_load))
+        checkpoint = materialize(case)
+        jobs += [CaptureJob(checkpoint, list(p.tokens), case.decode_steps, reference, convention,
+                            args.reference_load, "mtp" in modes and i == 0,
+                            case_golden_path(Path(), case.name, p.name))
+                 for i, p in enumerate(case.prompts)]
+    return jobs
+
+
+def _capture(job: CaptureJob, store_dtype: str, session: CheckSession) -> str:
+    """Run the reference on one prompt (and its MTP head) in ``session`` (its models are
+    reused across a case's prompts), write the golden run; what it holds, in words."""
+    from harness.checks.mtp import mtp_captures_declared, record_reference
+    from harness.checks.session import MTP_STEPS
+    from references.config import read_config_json
+
+    ok, why = session.availability(job.reference)
     if not ok:
-        raise InputError(f"the reference {reference.label} cannot run here: {why}")
-    checkpoint = args.checkpoint.resolve()
-    raw = read_config_json(checkpoint / "config.json")
-    fingerprint = checkpoint_fingerprint(checkpoint)
-    captures = runner.captures(reference, checkpoint, tokens, "prefill", args.decode_steps)
+        raise InputError(f"the reference {job.reference.label} cannot run here: {why}")
+    raw = read_config_json(job.checkpoint / "config.json")
+    fingerprint = checkpoint_fingerprint(job.checkpoint)
+    captures = session.captures(job.reference, job.checkpoint, job.tokens, "prefill",
+                                job.decode_steps)
+    mtp = None
+    if job.mtp:
+        model = session.mtp_model(job.reference, job.checkpoint)
+        mtp = record_reference(model, job.tokens, MTP_STEPS, 1,
+                               mtp_captures_declared(job.reference, job.checkpoint))
     manifest: dict[str, Any] = {
-        "checkpoint": str(checkpoint), "config": raw, "config_sha256": config_digest(raw),
-        "fingerprint": fingerprint, "tokens": list(tokens), "decode_steps": args.decode_steps,
-        "reference": {**target_json(reference), "load": args.reference_load},
-        "slope_convention": convention.to_json() if convention is not None else None,
-        "findings": runner.findings + [f for m in runner.models.values()
-                                       for f in getattr(m, "findings", ()) or ()],
+        "checkpoint": str(job.checkpoint), "config": raw, "config_sha256": config_digest(raw),
+        "fingerprint": fingerprint, "tokens": list(job.tokens), "decode_steps": job.decode_steps,
+        "reference": {**target_json(job.reference), "load": job.load},
+        "slope_convention": job.convention.to_json() if job.convention is not None else None,
+        "findings": session.findings + [f for m in session.models.values()
+                                        for f in getattr(m, "findings", ()) or ()],
         "versions": versions(),
     }
-    runner.release()
-    write_golden(args.out, captures, manifest, args.store_dtype)
-    size = sum(p.stat().st_size for p in args.out.glob("*.safetensors"))
-    print(f"golden run: {args.out} ({len(captures)} capture points of {reference.label}, "
-          f"{len(tokens)} tokens, {size / 2**20:.1f} MiB {args.store_dtype})")
-    return 0
+    write_golden(job.out, captures, manifest, store_dtype, mtp)
+    size = sum(p.stat().st_size for p in job.out.glob("*.safetensors"))
+    extra = f", MTP run of {MTP_STEPS} steps" if mtp is not None else ""
+    return (f"{len(captures)} capture points of {job.reference.label}, {len(job.tokens)} "
+            f"tokens{extra}, {size / 2**20:.1f} MiB {store_dtype}")
 
 
 @dataclass(frozen=True)
@@ -142,13 +258,3 @@ def golden_inputs(args: argparse.Namespace, vocab_size: int) -> GoldenInputs:
         raise InputError(f"--slope {args.slope}: the golden run's reference computed with "
                          f"slope convention {held}; leave --slope out or capture again")
     return GoldenInputs(golden, tokens, golden.reference, convention)
-
-
-def check_candidates(golden: GoldenRun, candidates: list[Target]) -> None:
-    """A float32 store cannot judge a float64 candidate (its rounding exceeds the tolerance)."""
-    if golden.store_dtype == "float64":
-        return
-    wide = [c.label for c in candidates if c.dtype == "float64"]
-    if wide:
-        raise InputError(f"{golden.path}: stored in {golden.store_dtype}, too coarse for the "
-                         f"float64 candidate(s) {', '.join(wide)} (NMSE tolerance 1e-18)")

@@ -18,9 +18,10 @@ from typing import Any
 
 from harness.backends.families import load_checkpoint_config
 from harness.backends.targets import REFERENCE, Target, parse_targets
+from harness.checks.golden import check_candidates
 from harness.checks.session import CHECKS, CheckSession, Subject, parse_modes, plan
 from harness.checks.slope_convention import CHOICES as SLOPE_CHOICES
-from harness.cli.golden import check_candidates, golden_inputs
+from harness.cli.golden import golden_inputs
 from harness.cli.inputs import (
     HARD_PROMPT_CAP,
     check_prompt_limits,
@@ -37,7 +38,7 @@ from references.config import read_config_json
 # Other subcommands live in their own modules, each with add_parser(subparsers) and run(args).
 SUBCOMMAND_MODULES = (
     "harness.cli.sweep", "harness.cli.gate", "harness.cli.mtp", "harness.report.browser_check",
-    "harness.cli.golden",
+    "harness.cli.golden", "harness.cli.kld",
 )
 
 
@@ -143,7 +144,10 @@ def checkpoint_job(args: argparse.Namespace, modes: Sequence[str]) -> ParityJob:
     if golden is not None:
         if weighty := [m for m in modes if CHECKS[m].needs_reference_weights]:
             raise InputError(f"--modes {','.join(weighty)}: these checks run the reference "
-                             "itself; a golden run holds its captures only (use prefill, decode)")
+                             "itself; a golden run holds its captures only (use prefill, "
+                             "decode, mtp)")
+        if "mtp" in modes and int(getattr(cfg, "num_nextn_predict_layers", 0) or 0) > 0:
+            golden.golden.require_mtp()
         check_candidates(golden.golden, candidates)
     subjects = []
     for i, prompt in enumerate(prompts):
@@ -196,8 +200,7 @@ def _run_reference(session: CheckSession, job: ParityJob, modes: Sequence[str]) 
         golden.check_checkpoint(job.checkpoint,
                                 read_config_json(job.checkpoint / "config.json"))
         for s in job.subjects:
-            session.seed(job.reference, job.checkpoint, s.tokens, s.decode_steps,
-                         golden.captures())
+            session.seed_golden(job.reference, job.checkpoint, s.tokens, s.decode_steps, golden)
         session.note(f"reference captures read from the golden run {golden.path} "
                      f"({golden.store_dtype}); the reference was not loaded")
         return

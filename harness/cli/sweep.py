@@ -3,6 +3,8 @@
 Writes ``throughput.parquet`` / ``throughput.csv`` and an HTML report whose "Throughput" section
 (:func:`harness.perf.sections.throughput_section`) charts prefill and decode tok/s per backend on
 log axes, with the decode roofline per case, and tabulates the llama-batched-bench columns.
+A quantized target (``llamacpp:quant=Q4_K_M``, ``gguf=``, ``mlx:bits=4``, ``model_dir=``) gets
+its own roofline, from the bytes its GGUF or MLX files really hold.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--backends", default=",".join(BACKENDS),
-                   help="targets to measure, e.g. 'torch,mlx' or 'mlx-float32'; 'none' to only "
-                        f"import (default: every registered backend, {','.join(BACKENDS)})")
+                   help="targets to measure, e.g. 'torch,mlx' or 'mlx-float32', quantized "
+                        "'llamacpp:quant=Q4_K_M,mlx:bits=4' (judged against the bytes their "
+                        "own files hold); 'none' to only import (default: every registered "
+                        f"backend, {','.join(BACKENDS)})")
     p.add_argument("--cases", default="flash-mini", help="comma-separated case names")
     p.add_argument("--cases-dir", type=Path, default=None,
                    help="folder to find the --cases in (default: cases/); e.g. cases/bench for "

@@ -12,6 +12,14 @@ these files only) and warm, and prints a table plus the JSON (``--json FILE`` ke
 
 An in-memory load whose estimated peak (float32 read copy + compute copy) exceeds 60% of the
 machine's available memory is not attempted; the estimate is reported instead.
+
+``--whole-run`` measures what a user's parity run costs instead: each backend alone and then all
+of them together, each a fresh ``python -m harness parity --checkpoint DIR --backends X --modes
+prefill`` (the reference included, as in every run), as the peak of the summed RSS of its whole
+process tree (the llama.cpp capture worker and converter are child processes), sampled every
+50 ms from /proc.  The issue's target: the whole run peaks at no more than the largest single
+backend + 1 GB (the CLI frees each candidate before the next).  The llama.cpp GGUF is converted
+(or found cached) first, so no measurement includes the one-off conversion.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,9 @@ from references.host import available_memory, peak_rss
 
 SAFE_FRACTION = 0.6  # of MemAvailable, for an in-memory load this benchmark will attempt
 CAPTURE_CHOICES = ("all", "logits")
+WHOLE_RUN_BACKENDS = ("torch", "mlx", "llamacpp")
+WHOLE_RUN_SLACK = 2**30  # the whole run may peak this much above its largest single backend
+SAMPLE_S = 0.05  # process-tree RSS sampling interval
 
 
 def derived_case(case: Any, overrides: dict[str, Any], suffix: str) -> Any:
@@ -139,6 +151,125 @@ def measure(ckpt: Path, tokens: list[int], load: str, dtype: str, captures: str,
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------------------------
+# Whole runs: the summed RSS of a process tree
+
+
+def _page_size() -> int:
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live descendant, from /proc/<pid>/stat's parent ids."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                stat = fh.read()
+        except OSError:  # exited meanwhile
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # comm may hold spaces or ")"
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def tree_rss(root: int) -> int:
+    """Bytes resident in ``root``'s process tree now: the sum of each process's RSS (pages a
+    parent and child share count twice, as in the sum of ``ps``'s RSS column)."""
+    page, total = _page_size(), 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                total += int(fh.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):  # exited meanwhile
+            continue
+    return total
+
+
+def run_sampled(cmd: list[str], interval: float = SAMPLE_S,
+                env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` and sample its process tree's summed RSS every ``interval`` seconds: the
+    peak, the wall time, the exit code and the output's tail."""
+    if not Path("/proc/self/statm").exists():
+        raise InputError("--whole-run samples process trees from /proc: Linux only")
+    t0 = time.perf_counter()
+    peak = samples = 0
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            samples += 1
+            time.sleep(interval)
+        log.seek(0)
+        tail = log.read().decode(errors="replace")[-3000:]
+    return {"peak_tree_rss": peak, "wall_s": time.perf_counter() - t0, "samples": samples,
+            "exit_code": proc.returncode, "tail": tail}
+
+
+def parity_command(ckpt: Path, prompt: Path, backends: str, modes: str, out: Path) -> list[str]:
+    """The user's parity run on ``ckpt`` (the reference included) with these candidates."""
+    return [sys.executable, "-m", "harness", "parity", "--checkpoint", str(ckpt),
+            "--prompt-tokens", str(prompt), "--backends", backends, "--modes", modes,
+            "--out", str(out)]
+
+
+def whole_run_verdict(alone: dict[str, int], together: int,
+                      slack: int = WHOLE_RUN_SLACK) -> dict[str, Any]:
+    """The issue's target: the whole run within ``slack`` of its largest single backend."""
+    largest = max(alone, key=alone.__getitem__)
+    limit = alone[largest] + slack
+    return {"largest_alone": largest, "limit": limit, "together": together,
+            "within_target": together <= limit}
+
+
+def warm_gguf(ckpt: Path) -> float:
+    """Convert the checkpoint for llama.cpp now (or find it cached): seconds spent."""
+    from harness.backends.llamacpp_backend import candidate_gguf
+    from harness.backends.targets import Target
+
+    t0 = time.perf_counter()
+    candidate_gguf(Target.parse("llamacpp"), ckpt)
+    return time.perf_counter() - t0
+
+
+def whole_run(ckpt: Path, tokens: list[int], backends: list[str], modes: str,
+              threads: int = 0) -> dict[str, Any]:
+    """Each backend alone, then all together; a failing run is an error (its output's tail)."""
+    env = dict(os.environ)
+    if threads:
+        for var in ("OMP_NUM_THREADS", "BAILING_PARITY_THREADS"):
+            env[var] = str(threads)
+    out: dict[str, Any] = {"modes": modes, "backends": backends}
+    if "llamacpp" in backends:
+        out["gguf_warm_s"] = warm_gguf(ckpt)
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
+        prompt = Path(tmp) / "prompt.json"
+        prompt.write_text(json.dumps({"tokens": tokens}))
+        plan = [*backends, ",".join(backends)] if len(backends) > 1 else list(backends)
+        for i, chosen in enumerate(plan):
+            cmd = parity_command(ckpt, prompt, chosen, modes, Path(tmp) / f"run-{i}")
+            r = run_sampled(cmd, env=env)
+            if r["exit_code"] not in (0, 1):  # 1: a check failed; still a run to measure
+                raise RuntimeError(f"parity --backends {chosen} exited {r['exit_code']}: "
+                                   f"{r['tail']}")
+            runs[chosen] = {k: v for k, v in r.items() if k != "tail"}
+            print(f"{chosen:24s} tree peak {r['peak_tree_rss'] / 1e9:6.2f} GB  "
+                  f"wall {r['wall_s']:6.1f} s  exit {r['exit_code']}", flush=True)
+    out["runs"] = runs
+    if len(backends) > 1:
+        out["verdict"] = whole_run_verdict({b: runs[b]["peak_tree_rss"] for b in backends},
+                                           runs[",".join(backends)]["peak_tree_rss"])
+    return out
+
+
 def in_memory_estimate(ckpt: Path, dtype: str) -> int:
     import numpy as np
     import torch
@@ -160,6 +291,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cases = [case] + ([doubled(case)] if args.double else [])
     tokens = prompt_tokens(case, args.tokens)
     out: dict[str, Any] = {"case": case.name, "tokens": args.tokens, "rows": []}
+    if args.whole_run:
+        backends = [b for b in args.backends.split(",") if b]
+        if unknown := [b for b in backends if b.split(":")[0].split("-")[0]
+                       not in WHOLE_RUN_BACKENDS]:
+            raise InputError(f"--backends: {unknown} not among {', '.join(WHOLE_RUN_BACKENDS)}")
+        for c in cases:
+            ckpt = materialize(c)
+            out["rows"].append({"case": c.name, "checkpoint": str(ckpt),
+                                "bytes": checkpoint_bytes(ckpt),
+                                **whole_run(ckpt, tokens, backends, args.modes, args.threads)})
+        return out
     for c in cases:
         t0 = time.perf_counter()
         ckpt = materialize(c)
@@ -209,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads in each measurement (0: torch's default)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--whole-run", action="store_true",
+                    help="peak summed RSS of python -m harness parity's process tree: each of "
+                         "--backends alone, then all together")
+    ap.add_argument("--backends", default=",".join(WHOLE_RUN_BACKENDS),
+                    help="--whole-run: the candidates (default torch,mlx,llamacpp)")
+    ap.add_argument("--modes", default="prefill", help="--whole-run: the checks (default prefill)")
     # child side
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", help=argparse.SUPPRESS)

@@ -80,6 +80,8 @@ _TABLE = (  # (column, header, format)
     ("T_PP", "T_PP s", ".3f"), ("S_PP", "S_PP t/s", ".2f"), ("T_TG", "T_TG s", ".3f"),
     ("S_TG", "S_TG t/s", ".2f"), ("T", "T s", ".3f"), ("S", "S t/s", ".2f"),
     ("T_PP_spread", "T_PP spread s", ".3f"), ("T_TG_spread", "T_TG spread s", ".3f"),
+    # a quantized candidate's roofline is its own: the bytes its GGUF / MLX files hold
+    ("dtype", "weights", ""), ("weight_bytes_per_token", "weight bytes/token", ",d"),
     ("roofline_tgs", "roofline t/s", ",.0f"), ("roofline_frac", "roofline frac", ".4f"),
     ("peak_rss_mb", "peak RSS MiB", ",.0f"), ("peak_backend_mb", "peak backend MiB", ",.0f"),
 )  # fmt: skip

@@ -34,12 +34,14 @@ import numpy as np
 import pandas as pd
 
 from harness.backends.base import LoadedModel
-from harness.backends.targets import Target, get_backend
+from harness.backends.targets import UNQUANTIZED, Target, get_backend, gguf_type
 from harness.checks.cases import Case, load_cases, materialize
 from harness.core.errors import InputError
 from harness.perf.roofline import (
     dtype_bytes,
+    gguf_bytes_per_token,
     measure_bandwidth_gbs,
+    mlx_bytes_per_token,
     roofline_tgs,
     weight_bytes_per_token,
 )
@@ -69,6 +71,8 @@ _DISTRIBUTIONS = {
 # memory estimate: the torch reference and mlx on CPU materialise [heads, PP, PP] scores.
 _QUERY_CHUNK: dict[str, int | None] = {"llamacpp": 512}
 DEFAULT_MAX_POINT_S = 300.0
+_NO_INVENTORY = ", no roofline: no tensor inventory for this model family"
+_FLOAT_OUTTYPES = ("f32", "f16", "bf16")
 
 
 def throughput_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
@@ -173,8 +177,24 @@ class ModelShape:
 
 
 def storage_dtype(target: Target) -> str:
-    """The weights' storage type: a llama.cpp ``outtype`` option overrides the target's dtype."""
-    return dict(target.extra).get("outtype") or target.dtype
+    """The weights' storage type: a quantized candidate's type (:func:`quantized_kind`), else a
+    llama.cpp ``outtype`` option, else the target's dtype."""
+    return quantized_kind(target) or dict(target.extra).get("outtype") or target.dtype
+
+
+def quantized_kind(target: Target) -> str | None:
+    """The quantization a candidate runs (``Q4_K_M`` for ``quant=`` or a quantized ``gguf=``,
+    ``q4g64`` for mlx ``bits=4`` or a quantized ``model_dir=``), as its label names it; None for
+    float weights.  Its roofline comes from its files (:func:`candidate_weight_bytes`)."""
+    from harness.quant.mlx_quantize import options_tag
+
+    settings = target.settings
+    if quant := getattr(settings, "quant", None):
+        return str(quant)
+    gguf = getattr(settings, "gguf", None)
+    if isinstance(gguf, Path) and (kind := gguf_type(gguf)) not in (None, *UNQUANTIZED):
+        return kind
+    return options_tag(settings)
 
 
 def _describe(model: object) -> str:
@@ -397,7 +417,7 @@ def point_base(target: Target, case: Case, machine: str, bandwidth_gbs: float, d
     read per decoded token and the roofline they imply."""
     shape = ModelShape.of(case)
     storage = storage_dtype(target)
-    per_param = dtype_bytes(storage)
+    per_param = None if quantized_kind(target) else dtype_bytes(storage)  # files: once loaded
     wbytes = weight_bytes_per_token(shape.config, per_param) if per_param and shape.config else None
     return {
         "backend": target.backend,
@@ -411,9 +431,56 @@ def point_base(target: Target, case: Case, machine: str, bandwidth_gbs: float, d
         "weight_bytes_per_token": wbytes,
         "bandwidth_gbs": bandwidth_gbs,
         "roofline_tgs": roofline_tgs(bandwidth_gbs, wbytes or 0),
-        "detail": detail
-        + ("" if shape.config else ", no roofline: no tensor inventory for this model family"),
+        "detail": detail + ("" if shape.config else _NO_INVENTORY),
     }
+
+
+def candidate_weight_bytes(target: Target, case: Case) -> tuple[int, str] | None:
+    """(weight bytes one decoded token reads, storage type) from the files ``target`` really
+    runs on ``case``: a quantized GGUF (``quant=``, a quantized ``outtype=`` or ``gguf=``), any
+    GGUF of a family the config formula has no inventory for (Ling 3.0), or a quantized MLX
+    directory (``bits=``, ``model_dir=``).  None where :func:`point_base`'s formula applies
+    (float weights of Ling-2.6), so float figures stay as they were.  Call it after the model
+    loaded: the file is then built and cached."""
+    has_formula = ModelShape.of(case).config is not None
+    if target.backend == "llamacpp":
+        from harness.backends.llamacpp_backend import candidate_gguf
+        from harness.quant.gguf_quantize import gguf_file_type
+
+        outtype = getattr(target.settings, "outtype", None)
+        if has_formula and not quantized_kind(target) and outtype in (None, *_FLOAT_OUTTYPES):
+            return None  # float Ling-2.6: the formula, without touching the file
+        path = candidate_gguf(target, materialize(case))
+        kind = gguf_file_type(path)
+        if kind in UNQUANTIZED and has_formula:
+            return None
+        return gguf_bytes_per_token(path), kind
+    if target.backend == "mlx":
+        from harness.backends.mlx_backend import candidate_mlx_dir
+        from harness.quant.mlx_quantize import dir_tag
+
+        folder = candidate_mlx_dir(target, materialize(case))
+        kind = dir_tag(folder) if folder is not None else None
+        return None if kind is None else (mlx_bytes_per_token(folder), kind)
+    return None
+
+
+def use_candidate_bytes(base: dict[str, Any], target: Target, case: Case) -> None:
+    """Put the candidate's real weight bytes (:func:`candidate_weight_bytes`) and the roofline
+    they imply into ``base``; files that cannot be read leave it as it was (a quantized
+    candidate: no roofline), with the reason in ``detail``."""
+    try:
+        found = candidate_weight_bytes(target, case)
+    except Exception as e:  # a roofline problem never hides a measurement
+        base["detail"] += f", no roofline from the weight files: {type(e).__name__}: {e}"
+        return
+    if found is None:
+        return
+    wbytes, kind = found
+    base.update(dtype=kind, weight_bytes_per_token=wbytes,
+                roofline_tgs=roofline_tgs(base["bandwidth_gbs"], wbytes))
+    detail = base["detail"].replace(_NO_INVENTORY, "")
+    base["detail"] = f"{detail}, roofline from the {kind} files' bytes"
 
 
 def measured_row(base: Mapping[str, Any], pp: int, tg: int, prefill_s: Sequence[float],
@@ -468,6 +535,7 @@ def _sweep_one(
         return skip_all(f"{target.label} could not load {case.name}: {type(e).__name__}: {e}")
     base["build"] = build_string(target.backend, model)
     base["detail"] += _describe(model)
+    use_candidate_bytes(base, target, case)
     rows = []
     history: list[_Measured] = []
     try:

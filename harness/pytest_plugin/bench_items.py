@@ -5,8 +5,9 @@ options work unchanged (``--benchmark-json``, ``--benchmark-autosave``, ``--benc
 ``--benchmark-compare-fail``): ``prefill`` (PP seeded tokens in one feed of a fresh session) and
 ``decode`` (TG greedy single-token steps after an untimed PP-token prefill).  At the end of the
 session the rounds of both are folded into the sweep's table (llama-batched-bench's columns, the
-decode roofline), written with the report by the plugin.  Sessions are opened with no capture
-points; models load once per (target, case) and are released when the case is done.
+decode roofline; a quantized candidate's from the bytes of its own files), written with the
+report by the plugin.  Sessions are opened with no capture points; models load once per
+(target, case) and are released when the case is done.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from harness.perf.sweep import (
     measured_row,
     point_base,
     throughput_frame,
+    use_candidate_bytes,
 )
 
 STEPS = ("prefill", "decode")
@@ -94,6 +96,8 @@ class BenchSession:
                 target, case, machine, float("nan"),
                 f"pytest-benchmark rounds={self.grid.rounds}, seed={self.grid.seed}",
                 source="pytest-benchmark")
+            # a quantized candidate: the bytes of its own files (built when the model loaded)
+            use_candidate_bytes(self.bases[(target.label, case.name)], target, case)
 
     def frame(self, cases: dict[str, Case], bandwidth_gbs: float | None = None) -> pd.DataFrame:
         """The sweep's table from every grid point whose prefill and decode were both timed."""

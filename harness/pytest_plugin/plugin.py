@@ -2,7 +2,9 @@
 
 Registered from the root ``conftest.py``.  Options choose backends, cases and the report dir;
 a failing item's message names the first divergent capture point and its metric.  With
-``--require-backends`` (CI) a backend that cannot run is a failure, never a silent skip.
+``--require-backends`` (CI) a backend that cannot run is a failure, never a silent skip.  With
+``--golden DIR`` each case prompt's saved reference captures (``python -m harness capture
+--cases NAMES --out DIR``) stand for the reference, which is never loaded.
 """
 
 from __future__ import annotations
@@ -43,11 +45,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--reference", default=REFERENCE,
                     help=f"the reference target (default {REFERENCE})")
     group.addoption("--cases", default="", help="comma-separated case names (default: all)")
-    group.addoption("--modes", default=",".join(CHECKS),
+    group.addoption("--modes", default=None,
                     help="checks per pair: prefill (one forward), decode (prefill + steps), "
                          "greedy (64 greedy tokens; at a mismatch vLLM's top-k rule decides), "
                          "mtp (draft acceptance equal to the reference's), slopes (GLA decay "
-                         "verdict = the case's slope convention)")
+                         "verdict = the case's slope convention); default all (with --golden: "
+                         "those a golden run serves, prefill,decode,mtp)")
+    group.addoption("--golden", default=None, metavar="DIR",
+                    help="judge candidates against saved reference captures instead of running "
+                         "the reference: DIR/<case>/<prompt>/, written by `python -m harness "
+                         "capture --cases NAMES --out DIR`; each golden run's config, weights, "
+                         "prompt and reference are checked against the case, and a case prompt "
+                         "without one fails its items (the reference is never loaded)")
     group.addoption("--mlx-model-module", default=None,
                     help="put this MLX port module (shaped like mlx-lm's bailing_hybrid.py) "
                          "under test instead of mlx-lm's own")
@@ -90,6 +99,8 @@ def pytest_configure(config: pytest.Config) -> None:
         except InputError as e:
             raise pytest.UsageError(str(e)) from None
         config.stash[BENCH_KEY] = BenchSession(grid)
+    elif config.getoption("--golden", default=None) is not None:
+        _modes(config)  # checks a golden run cannot serve: a usage error before collection
     for name in BACKENDS:  # items are marked by backend; --strict-markers needs each registered
         config.addinivalue_line("markers", f"{name}: runs the {name} backend")
 
@@ -120,13 +131,15 @@ class CaseFile(pytest.File):
         if bench := config.stash.get(BENCH_KEY, None):
             yield from bench_items(self, case, candidates, bench)
             return
-        modes = _modes(config)
+        modes = case_modes(case, _modes(config))
         subjects = [Subject.from_case(case, p.name) for p in case.prompts]
-        for subject, cand, mode in plan(subjects, candidates, modes):
+        planned = list(plan(subjects, candidates, modes))
+        last = {cand: i for i, (_, cand, _) in enumerate(planned)}
+        for i, (subject, cand, mode) in enumerate(planned):
             name = f"{subject.prompt}::{cand.label}-vs-{reference.label}::{mode}"
             yield ParityItem.from_parent(
                 self, name=name, case=case, prompt=subject.prompt, candidate=cand,
-                reference=reference, mode=mode,
+                reference=reference, mode=mode, last_of_candidate=last[cand] == i,
             )
 
 
@@ -134,10 +147,26 @@ def _modes(config: pytest.Config) -> list[str]:
     """--modes, validated by the session's registry of checks (a usage error otherwise)."""
     from harness.checks.session import parse_modes
 
+    text = config.getoption("--modes")
+    golden = config.getoption("--golden") is not None
+    served = [m for m in CHECKS if not CHECKS[m].needs_reference_weights]
     try:
-        return parse_modes(config.getoption("--modes"))
+        modes = parse_modes(text if text is not None else ",".join(served if golden else CHECKS))
     except InputError as e:
         raise pytest.UsageError(str(e)) from None
+    if golden and (weighty := [m for m in modes if m not in served]):
+        raise pytest.UsageError(f"--modes {','.join(weighty)}: these checks run the reference "
+                                "itself; with --golden use any of " + ",".join(served))
+    return modes
+
+
+def case_modes(case: Case, modes: list[str]) -> list[str]:
+    """The run's ``--modes`` that ``case`` runs (its ``modes`` key; InputError naming the file
+    for a check name the session does not know)."""
+    if unknown := sorted(set(case.modes or ()) - set(CHECKS)):
+        raise InputError(f"{case.source}: modes: unknown check(s) {unknown}; known: "
+                         f"{', '.join(CHECKS)}")
+    return [m for m in modes if case.runs(m)]
 
 
 class BackendMissing(Exception):
@@ -150,9 +179,11 @@ class ParityFailure(Exception):
 
 class ParityItem(pytest.Item):
     def __init__(self, *, case: Case, prompt: str, candidate: Target, reference: Target,
-                 mode: str, **kw) -> None:
+                 mode: str, last_of_candidate: bool = False, **kw) -> None:
         super().__init__(**kw)
         self.case, self.prompt, self.mode = case, prompt, mode
+        # the case's last item of this candidate: its model is freed after it
+        self.last_of_candidate = last_of_candidate
         self.candidate, self.reference = candidate, reference
         self.port_failed = False
         self.result: CheckResult | None = None  # the session's, once the check ran
@@ -167,7 +198,15 @@ class ParityItem(pytest.Item):
         """Availability (skip, or a failure under --require-backends), then the session's check;
         its result becomes pytest's outcome."""
         session = self.config.stash[RUNNER_KEY]
-        for target in (self.reference, self.candidate):
+        subject = Subject.from_case(self.case, self.prompt)
+        golden = self.config.getoption("--golden")
+        if golden is not None:  # the golden run stands for the reference, whatever runs here
+            try:
+                seed_golden(session, Path(golden), subject, self.reference, self.candidate)
+            except InputError as e:
+                raise ParityFailure(f"bad input: {e}") from None
+        for target in (self.candidate,) if golden is not None else (self.reference,
+                                                                    self.candidate):
             ok, reason = session.availability(target)
             if not ok:
                 if self.config.getoption("--require-backends"):
@@ -175,8 +214,8 @@ class ParityItem(pytest.Item):
                 session.note(f"{target.label} skipped: {reason}")
                 pytest.skip(f"{target.label}: {reason}")
         try:
-            self.result = session.run(self.mode, Subject.from_case(self.case, self.prompt),
-                                      self.candidate, self.reference, record=False)
+            self.result = session.run(self.mode, subject, self.candidate, self.reference,
+                                      record=False)
         except InputError as e:
             raise ParityFailure(f"bad input: {e}") from None
         if self.result.status is Status.SKIPPED:
@@ -208,6 +247,24 @@ class ParityItem(pytest.Item):
 
     def reportinfo(self):
         return self.path, None, f"{self.case.name}::{self.name}"
+
+
+def seed_golden(session: CheckSession, root: Path, subject: Subject, reference: Target,
+                candidate: Target) -> None:
+    """``--golden``: the case prompt's golden run stands for the reference (opened and checked
+    once per prompt); InputError naming what is missing or differs."""
+    from harness.checks.golden import check_candidates, open_case_golden
+
+    key = (reference, subject.checkpoint, tuple(subject.tokens))
+    golden = session.golden_runs.get(key)
+    if golden is None:
+        golden = open_case_golden(root, subject.name, subject.prompt, subject.checkpoint,
+                                  subject.tokens, reference)
+        session.seed_golden(reference, subject.checkpoint, subject.tokens,
+                            subject.decode_steps, golden)
+        session.note(f"reference captures read from the golden runs under {root}; the "
+                     "reference was not loaded")
+    check_candidates(golden, [candidate])
 
 
 def _first_line(report: pytest.TestReport) -> str:
@@ -325,7 +382,10 @@ def pytest_testnodedown(node: Any, error: object) -> None:
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """A case's models are freed when its last item is done: one case in memory at a time."""
+    """A candidate's models are freed after the case's last item of it, and the case's (the
+    reference's) after its last item: one candidate in memory at a time, as the CLI runs."""
+    if isinstance(item, ParityItem) and item.last_of_candidate:
+        item.config.stash[RUNNER_KEY].release(materialize(item.case), target=item.candidate)
     if not isinstance(item.parent, CaseFile) or (
             nextitem is not None and nextitem.parent is item.parent):
         return

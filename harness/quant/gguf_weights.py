@@ -15,6 +15,10 @@ undoes the converter's rearrangement:
 - Ling 3.0's ``A_log``: upstream stores ``exp(A_log)`` as ``ssm_a``; its log is taken in float64
   (``exp`` is not injective in float32, so this one tensor is exact only to rounding).
 
+With ``activations="ggml-cpu"`` every tensor also declares how ggml's CPU matmul rounds the
+activations it multiplies (:data:`GGML_CPU_ACTIVATIONS`, from the ggml-cpu type traits' vec_dot
+types; :mod:`references.activation_rounding`), so the reference computes what the port should.
+
 Nothing is cached and one tensor is read at a time through a fresh memory map that is dropped
 after the read, like :class:`references.weights.StreamedWeights`, so it works at real scale.
 An HF tensor the map cannot invert raises :class:`InputError` naming it and its GGUF tensor(s).
@@ -40,6 +44,21 @@ from harness.llamacpp.tensor_maps import (
     layer_kinds,
     map_for_gguf,
 )
+from references.activation_rounding import declare
+
+# ggml-cpu's vec_dot type per weight type: what a CPU matmul converts its float32 input to
+# (ggml/src/ggml-cpu/ggml-cpu.c type_traits_cpu).  F32 weights keep the input exact.
+GGML_CPU_ACTIVATIONS: dict[str, str | None] = {
+    "F32": None, "F16": "f16", "BF16": "bf16",
+    "Q4_0": "q8_0", "Q5_0": "q8_0", "Q8_0": "q8_0", "IQ4_NL": "q8_0", "MXFP4": "q8_0",
+    "Q4_1": "q8_1", "Q5_1": "q8_1",
+    **{t: "q8_K" for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ2_XXS",
+                           "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0",
+                           "TQ2_0")},
+}
+ACTIVATIONS = ("exact", "ggml-cpu")
+# Q4_1/Q5_1 blocks of 32 start with float16 d and m (ggml-common.h): bytes per block
+_MIN_BLOCK_BYTES = {"Q4_1": 20, "Q5_1": 24}
 
 KV_B = "attention.kv_b_proj.weight"
 A_LOG = "attention.A_log"
@@ -130,7 +149,12 @@ class GgufWeights:
         gguf: Path | str,
         checkpoint_config: Mapping[str, Any],
         port_map: PortTensorMap | str | None = None,
+        activations: str = "exact",
     ) -> None:
+        if activations not in ACTIVATIONS:
+            raise InputError(f"activations={activations!r}: expected one of "
+                             f"{', '.join(ACTIVATIONS)}")
+        self.activations = activations
         self.path = Path(gguf)
         self.config = dict(checkpoint_config)
         self.meta, self.tensors = read_layout(self.path)
@@ -197,7 +221,48 @@ class GgufWeights:
             arr = arr[:, cols[0] : cols[1]]
         if not np.isfinite(arr).all():
             raise InputError(f"{self.path}: {'+'.join(plan.gguf)} (for {name}) holds NaN or inf")
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(device, dtype)
+        out = torch.from_numpy(np.ascontiguousarray(arr)).to(device, dtype)
+        if self.activations == "ggml-cpu":
+            types = self.gguf_types(name)
+            kinds = tuple(self.activation_kind(t) for t in types)
+            if rest == KV_B:  # per part, in the GGUF's orientation (rows: what a part yields)
+                mins = tuple(None if k not in _MIN_BLOCK_BYTES else
+                             torch.from_numpy(self._block_min(g)).to(device, dtype)
+                             for k, g in zip(types, plan.gguf, strict=True))
+                declare(out, kinds, block_min=mins if any(m is not None for m in mins) else None)
+                return out
+            m = None
+            if types[0] in _MIN_BLOCK_BYTES and out.ndim == 2:
+                m = self._block_min(plan.gguf[0], plan.expert, rows if sliced else None)
+                m = (m if rows is None or sliced else m[rows[0] : rows[1]])
+                m = m if cols is None else m[:, cols[0] // 32 : cols[1] // 32]
+                m = torch.from_numpy(np.ascontiguousarray(m)).to(device, dtype)
+            declare(out, kinds[0], block_min=m)
+        return out
+
+    def _block_min(self, name: str, index: int | None = None,
+                   rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The float16 minimum ``m`` of every block of a Q4_1/Q5_1 tensor (its outermost axes,
+        then one per block of 32 along its rows)."""
+        t = self.tensors[name]
+        mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset,
+                       shape=t.raw_shape)
+        try:
+            raw = mm if index is None else mm[index]
+            if rows is not None:
+                raw = raw[rows[0] : rows[1]]
+            blocks = np.asarray(raw).reshape(*raw.shape[:-1], -1, _MIN_BLOCK_BYTES[t.type_name])
+            return blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        finally:
+            del mm
+
+    def activation_kind(self, type_name: str) -> str | None:
+        """How ggml-cpu rounds the input of a matmul with a weight of this type."""
+        if type_name not in GGML_CPU_ACTIVATIONS:
+            raise InputError(f"{self.path}: ggml type {type_name}: its CPU matmul's activation "
+                             f"rounding is not known here (known: "
+                             f"{', '.join(GGML_CPU_ACTIVATIONS)})")
+        return GGML_CPU_ACTIVATIONS[type_name]
 
     def gguf_types(self, name: str) -> tuple[str, ...]:
         """The ggml types of the GGUF tensor(s) an HF tensor is read from (what it lost)."""

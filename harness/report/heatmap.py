@@ -84,8 +84,10 @@ def heatmap(
     table: pd.DataFrame, first_divergence: str | None, tolerance: float | None = None
 ) -> Heatmap:
     """The heatmap of one pair's per-point table (``PairResult.table``), coloured against its
-    NMSE ``tolerance`` (``PairResult.tolerance.nmse``; 1e-6 when none is known)."""
-    tolerance = float(tolerance or 0) or 1e-6
+    NMSE ``tolerance`` (``PairResult.tolerance.nmse``; 1e-6 when none is known or the table is
+    informational, held to no bound: a quantized port's quantization-error table)."""
+    tolerance = float(tolerance or 0)
+    tolerance = tolerance if 0 < tolerance < math.inf else 1e-6
     records = table.to_dict("records")
     per_layer: dict[str, dict[int, HeatmapCell]] = {}
     order: dict[str, int] = {}

@@ -133,7 +133,7 @@ def _verdict_of(results: Sequence[PairResult]) -> RunVerdict:
     return RunVerdict([
         CheckVerdict(r.case, r.prompt, r.candidate, r.reference, r.mode,
                      Status.PASSED if r.passed else Status.FAILED, r.summary_line())
-        for r in results
+        for r in results if not r.informational  # reported, never a check
     ])
 
 
@@ -288,7 +288,8 @@ def _context(
                for i, r in enumerate(results)}
     by_case: dict[str, list[dict[str, Any]]] = {}
     for key, (anchor, r) in anchors.items():
-        fallback = Status.PASSED.value if r.passed else Status.FAILED.value
+        fallback = ("info" if r.informational
+                    else Status.PASSED.value if r.passed else Status.FAILED.value)
         by_case.setdefault(r.case, []).append(
             _pair_context(r, anchor, status_of.get(key, fallback)))
     counts = verdict.counts()

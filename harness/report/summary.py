@@ -28,7 +28,7 @@ def summary_table(results: Sequence[PairResult]) -> Table:
         top1 = f"{logits['top1'].iloc[0]:.1%}" if len(logits) else "-"
         table.add_row(
             f"{r.case}/{r.prompt}", r.mode, r.candidate, r.reference,
-            "[green]PASS[/]" if r.passed else "[red]FAIL[/]",
+            "info" if r.informational else "[green]PASS[/]" if r.passed else "[red]FAIL[/]",
             r.first_divergence or "-",
             f"{worst['nmse']:.2e} ({worst['point']})" if worst is not None else "-",
             top1,
@@ -61,6 +61,7 @@ def summary_json(results: Sequence[PairResult], verdict: RunVerdict) -> dict:
             "reference": r.reference,
             "mode": r.mode,
             "passed": bool(r.passed),
+            "informational": r.informational,
             "first_divergence": r.first_divergence,
             "explanation": explain_divergence(r.first_divergence) if r.first_divergence else None,
             "nmse": {p: float(v) for p, v in zip(t["point"], t["nmse"], strict=True)

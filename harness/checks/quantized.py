@@ -1,0 +1,132 @@
+"""A quantized port judged in two parts: its own arithmetic, and what its weights lost.
+
+A Q4 port differs from the float64 reference by far more than any float32 tolerance, whether it
+is right or not; llama-perplexity's KLD says how far a quant is from the base model, not whether
+the difference is quantization or a bug.  So a quantized candidate is compared twice:
+
+- **port correctness**: the candidate against the *dequantized reference*, the float64
+  reference run on the candidate's own weights (the GGUF's tensors dequantized exactly,
+  :class:`harness.quant.gguf_weights.GgufWeights`; an MLX directory's with ``mx.dequantize``),
+  with activations rounded where the port's matmul rounds them (ggml-cpu's q8_0/q8_1/q8_K
+  input blocks: :mod:`references.activation_rounding`), and *layer-local*: each layer of the
+  reference takes the candidate's own input to that layer (its ``l_out`` of the layer below,
+  :meth:`references.model.BailingHybridReference.start`'s ``anchors``).  What remains is float32
+  arithmetic plus the rare activation that rounds to the other neighbour (one quantization
+  step of one element), which anchoring keeps from being amplified by the layers above; so the
+  tolerance is tight (:data:`harness.checks.cases.DEFAULT_TOLERANCES` ``["quantized"]``) and a
+  wrong formula fails at its first point;
+- **quantization error**: the dequantized reference against the original reference (per-point
+  NMSE, and llama-perplexity's KLD statistics on the logits), never a failure by itself: how
+  much each layer loses is information for the reader, not a port bug.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.backends.targets import Target, gguf_type
+from harness.core import capture_points
+from harness.core.tolerances import Tolerance
+
+# The quantization error is reported, never judged.
+INFORMATIONAL = Tolerance(nmse=math.inf, top1=0.0, index_agreement=0.0)
+
+
+def _with(reference: Target, **options: str) -> Target:
+    extra = {**dict(reference.extra), **options}
+    return Target(reference.backend, reference.dtype, tuple(sorted(extra.items())))
+
+
+def dequantized_reference(candidate: Target, checkpoint: Path, reference: Target
+                          ) -> Target | None:
+    """The reference on ``candidate``'s own weights, or None when the candidate's weights are
+    the checkpoint's (an f32 GGUF, an unquantized MLX model): then one comparison says it all.
+
+    Builds (and caches) the candidate's quantized file if needed, as the candidate would."""
+    if reference.backend != "torch":
+        return None  # only our reference reads a GGUF or an MLX directory back
+    settings = candidate.settings
+    if candidate.backend == "llamacpp":
+        from harness.backends.llamacpp_backend import candidate_gguf
+
+        rounded = (getattr(settings, "quant", None) is not None
+                   or getattr(settings, "gguf", None) is not None
+                   or (getattr(settings, "outtype", None) or "f32") != "f32")
+        if not rounded:
+            return None
+        gguf = candidate_gguf(candidate, checkpoint)
+        if gguf_type(gguf) in (None, "F32"):
+            return None
+        _our_reference_reads(candidate, checkpoint)
+        return _with(reference, weights_gguf=str(gguf), activations="ggml-cpu")
+    if candidate.backend == "mlx":
+        from harness.backends.mlx_backend import candidate_mlx_dir
+
+        folder = candidate_mlx_dir(candidate, checkpoint)
+        if folder is None:
+            return None
+        _our_reference_reads(candidate, checkpoint)
+        return _with(reference, weights_mlx=str(folder))
+    return None
+
+
+def _our_reference_reads(candidate: Target, checkpoint: Path) -> None:
+    """Only our Ling-2.6 reference runs on a port's own weights; Ling 3.0's reference is
+    transformers' model.  Judging a quantized Ling 3.0 port against the original weights would
+    blame the port for its quantization, so its checks are skipped, saying why."""
+    from harness.backends.families import checkpoint_family
+    from harness.core.errors import ArchitectureNotSupported
+
+    family = checkpoint_family(checkpoint)
+    if family not in (None, "ling26"):
+        raise ArchitectureNotSupported(
+            f"{candidate.label}: no reference on a quantized port's own weights for {family} "
+            "yet (its reference is transformers' model, which reads no GGUF or MLX "
+            "quantization), so port correctness cannot be told from quantization error: not "
+            "judged")
+
+
+LAYER_LOCAL = "layer-local"
+
+
+def anchored_captures(model: Any, tokens: Sequence[int], candidate: Mapping[str, Any]
+                      ) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The reference's captures with each sublayer fed the candidate's input to it (its
+    ``l_out``, ``ffn_inp`` and the norms that feed matmuls, which then round as the port's
+    did); also the points the candidate does not give (what follows them takes the reference's
+    own values)."""
+    from references.model import ANCHOR_STEMS
+
+    n = model.n_layers
+    anchors, missing = {}, []
+    points = [f"{stem}-{i}" for i in range(n) for stem in ANCHOR_STEMS] + ["result_norm"]
+    for point in points:
+        rows = candidate.get(point)
+        if rows is None or np.asarray(rows).shape[0] != len(tokens):
+            missing.append(point)
+        else:
+            anchors[point] = np.asarray(rows, dtype=np.float64)
+    names = capture_points.all_points(n)
+    return model.start(names, anchors=anchors).feed(list(tokens)), missing
+
+
+def verdict_text(port: object, loss: object) -> str:
+    """The check's story: port correctness first (it decides), then the quantization error."""
+    lines = [f"port correctness: {port.summary_line()}"]  # type: ignore[attr-defined]
+    kld = getattr(loss, "kld", {})
+    row = loss.table  # type: ignore[attr-defined]
+    logits = row.loc[row["point"] == "result_output"]
+    if not logits.empty:
+        nm = float(logits.iloc[0]["nmse"])
+        same = kld.get("same_top_p", math.nan)
+        unc = kld.get("same_top_p_unc", math.nan)
+        lines.append(
+            f"  quantization error ({loss.candidate} vs {loss.reference}): logits NMSE "  # type: ignore[attr-defined]
+            f"{nm:.2e}, mean KLD {kld.get('mean_kld', math.nan):.3g}, max KLD "
+            f"{kld.get('kld_max', math.nan):.3g}, same top p {same:.1%} ± {unc:.1%}")
+    return "\n".join(lines)
