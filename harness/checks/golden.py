@@ -364,21 +364,32 @@ REQUIRED_KEYS = ("tokens", "reference", "config_sha256", "fingerprint", "files",
                  "capture_points", "store_dtype")
 
 
-def open_golden(path: Path) -> GoldenRun:
-    """The golden run in folder ``path``; InputError naming the file for anything unusable."""
-    where = Path(path) / MANIFEST
+def read_manifest(folder: Path, fmt: str, required: Sequence[str], *, kind: str,
+                  option: str, writer: str) -> dict[str, Any]:
+    """``folder``'s manifest.json, of format ``fmt`` with the ``required`` keys; InputError
+    naming the file otherwise (``kind``: what it holds; ``option``/``writer``: what takes it
+    and what writes it, for the message)."""
+    where = Path(folder) / MANIFEST
     if not where.is_file():
-        raise InputError(f"{where}: not found (--golden takes a folder written by "
-                         "`python -m harness capture`)")
+        raise InputError(f"{where}: not found ({option} takes a folder written by "
+                         f"`{writer}`)")
     try:
         manifest = json.loads(where.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{where}: unreadable golden manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InputError(f"{where}: not a golden manifest of format {FORMAT}")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+        raise InputError(f"{where}: unreadable {kind} manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise InputError(f"{where}: not a {kind} manifest of format {fmt}")
+    missing = [k for k in required if k not in manifest]
     if missing:
-        raise InputError(f"{where}: golden manifest lacks {', '.join(missing)}")
+        raise InputError(f"{where}: {kind} manifest lacks {', '.join(missing)}")
+    return manifest
+
+
+def open_golden(path: Path) -> GoldenRun:
+    """The golden run in folder ``path``; InputError naming the file for anything unusable."""
+    where = Path(path) / MANIFEST
+    manifest = read_manifest(path, FORMAT, REQUIRED_KEYS, kind="golden", option="--golden",
+                             writer="python -m harness capture")
     if manifest["store_dtype"] not in STORE_DTYPES:
         raise InputError(f"{where}: store_dtype {manifest['store_dtype']!r}; expected one of "
                          f"{', '.join(STORE_DTYPES)}")

@@ -27,6 +27,7 @@ from harness.checks.golden import (
     config_differences,
     config_digest,
     fingerprint_differences,
+    read_manifest,
 )
 from harness.core.atomic import staged_dir, write_text
 from harness.core.errors import InputError
@@ -162,18 +163,8 @@ class KldBase:
 def open_base(path: Path) -> KldBase:
     """The base in folder ``path``; InputError naming the file for anything unusable."""
     where = Path(path) / MANIFEST
-    if not where.is_file():
-        raise InputError(f"{where}: not found (--base takes a folder written by "
-                         "`python -m harness kld --save-base`)")
-    try:
-        manifest = json.loads(where.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{where}: unreadable base manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InputError(f"{where}: not a kld base manifest of format {FORMAT}")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise InputError(f"{where}: kld base manifest lacks {', '.join(missing)}")
+    manifest = read_manifest(path, FORMAT, REQUIRED_KEYS, kind="kld base", option="--base",
+                             writer="python -m harness kld --save-base")
     if len(manifest["files"]) != manifest["n_chunks"]:
         raise InputError(f"{where}: lists {len(manifest['files'])} chunk files for "
                          f"{manifest['n_chunks']} chunks")

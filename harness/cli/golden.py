@@ -168,17 +168,9 @@ def _case_jobs(args: argparse.Namespace) -> list[CaptureJob]:
     them; the mtp side on each case's first prompt (where the mtp check runs)."""
     from harness.checks.cases import load_cases, materialize
     from harness.checks.slope_convention import case_convention
-    from harness.cli.inputs import reference_target
+    from harness.cli.inputs import case_names, reference_target
 
-    for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--slope", args.slope),
-                        ("--prompt-text", args.prompt_text), ("--prompt-file", args.prompt_file),
-                        ("--chat", args.chat or None)):
-        if value is not None:
-            raise InputError(f"{flag}: not with --cases (a case names its checkpoint, prompts "
-                             "and slope convention)")
-    names = [n.strip() for n in args.cases.split(",") if n.strip()]
-    if not names:
-        raise InputError(f"--cases: no case given in {args.cases!r}")
+    names = case_names(args)
     jobs = []
     for case in load_cases(names):
         has_mtp = int(case.config.get("num_nextn_predict_layers") or 0) > 0

@@ -85,3 +85,19 @@ def reference_target(spec: str, load: str) -> Target:
     if load == "auto":
         return Target.parse(spec)
     return Target.parse(f"{spec}:load={load}")
+
+
+def case_names(args: argparse.Namespace, *exclusive: tuple[str, object]) -> list[str]:
+    """``--cases``' names, after refusing the options a case decides itself (its prompts and
+    slope convention) and ``exclusive`` (flag, value) pairs the subcommand adds."""
+    given = (("--prompt-tokens", args.prompt_tokens), ("--slope", args.slope),
+             ("--prompt-text", args.prompt_text), ("--prompt-file", args.prompt_file),
+             ("--chat", args.chat or None), *exclusive)
+    for flag, value in given:
+        if value is not None:
+            raise InputError(f"{flag}: not with --cases (a case names its checkpoint, prompts "
+                             "and slope convention)")
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    if not names:
+        raise InputError(f"--cases: no case given in {args.cases!r}")
+    return names

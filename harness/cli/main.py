@@ -24,6 +24,7 @@ from harness.checks.slope_convention import CHOICES as SLOPE_CHOICES
 from harness.cli.golden import golden_inputs
 from harness.cli.inputs import (
     HARD_PROMPT_CAP,
+    case_names,
     check_prompt_limits,
     checkpoint_convention,
     reference_target,
@@ -166,16 +167,7 @@ def case_jobs(args: argparse.Namespace) -> list[ParityJob]:
     from harness.checks.cases import CASES_DIR, load_case
     from harness.checks.slope_convention import case_convention
 
-    for flag, value in (("--checkpoint", args.checkpoint), ("--golden", args.golden),
-                        ("--prompt-tokens", args.prompt_tokens), ("--slope", args.slope),
-                        ("--prompt-text", args.prompt_text), ("--prompt-file", args.prompt_file),
-                        ("--chat", args.chat or None)):
-        if value is not None:
-            raise InputError(f"{flag}: not with --cases (a case names its checkpoint, prompts "
-                             "and slope convention)")
-    names = [n.strip() for n in args.cases.split(",") if n.strip()]
-    if not names:
-        raise InputError(f"--cases: no case given in {args.cases!r}")
+    names = case_names(args, ("--checkpoint", args.checkpoint), ("--golden", args.golden))
     check_out_dir(args.out)
     jobs = []
     for name in names:
