@@ -140,3 +140,17 @@ def test_a_quantized_ling3_port_is_not_judged_and_says_why():
     assert result.status.value == "skipped"
     assert "cannot be told from quantization error" in result.message
     assert not result.passed and not session.results
+
+
+def test_a_quantized_port_s_mtp_head_is_judged_teacher_forced():
+    # drafts are reported (decoding runs unanchored), the head itself is judged: against a
+    # reference whose MTP head concatenates in the other order, the right port must fail
+    mtp_case = load_case(CASES_DIR / "mtp-agree.toml")
+    subject = Subject.from_case(mtp_case, mtp_case.prompts[0].name)
+    candidate = Target.parse("llamacpp:quant=Q4_K_M")
+    right = CheckSession().run("mtp", subject, candidate, reference_for(mtp_case))
+    assert right.passed, right.message
+    wrong_head = Target.parse(f"{REFERENCE}:variant=mtp_concat_swapped")
+    wrong = CheckSession().run("mtp", subject, candidate, wrong_head)
+    assert not wrong.passed
+    assert wrong.result.mtp_first_divergence.startswith("mtp_")

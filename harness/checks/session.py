@@ -332,7 +332,17 @@ class MtpCheck(Check):
             f"{'<=' if cand.draft_logits_ok else '>'} {tolerance:.0e}, "
             f"top-1 {cand.draft_top1:.1%}), first MTP divergence "
             f"{cand.mtp_first_divergence or 'not captured'}")
-        return self.result(subject, candidate, reference, cand.ok, message, cand)
+        ok = cand.ok
+        if dequantized is not None:
+            # Decoding runs unanchored: an activation a float32 ulp puts on the other side of a
+            # rounding step changes the hidden state a little, and a draft at a near-tie may
+            # follow it. The MTP head itself is judged teacher-forced (first MTP divergence),
+            # the speculation by its greedy output; drafts and draft logits are reported.
+            ok = (cand.greedy_unchanged and not cand.error
+                  and cand.mtp_first_divergence in ("", "none"))
+            message += ("; a quantized port: its drafts are reported, its MTP head judged "
+                        "teacher-forced")
+        return self.result(subject, candidate, reference, ok, message, cand)
 
 
 class SlopesCheck(Check):
