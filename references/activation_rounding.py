@@ -33,11 +33,12 @@ ATTR = "activation_rounding"  # the attribute a weight tensor carries
 BLOCK_MIN_ATTR = "activation_block_min"  # q8_1 only: the weight's per-block minimum m [out, n/32]
 
 
-def declare(weight: torch.Tensor, kind: Any, block_min: torch.Tensor | None = None) -> torch.Tensor:
+def declare(weight: torch.Tensor, kind: Any, block_min: Any = None) -> torch.Tensor:
     """Mark ``weight``: its input is rounded to ``kind`` (None: exact) before it is applied.
     ``kind`` may be a tuple for a tensor a port stores in parts (MLA's ``kv_b_proj``).
 
-    ``block_min``: for Q4_1/Q5_1 weights (``w = d q + m`` per block of 32), ``m`` [out, in/32]:
+    ``block_min``: for Q4_1/Q5_1 weights (``w = d q + m`` per block of 32), ``m`` [out, in/32]
+    (a tuple, like ``kind``, for a tensor stored in parts):
     ggml adds ``m * s`` with ``s = d_x sum(q_x)`` rounded to float16, which no rounding of the
     input alone reproduces; :func:`sum_error` gives what that float16 adds."""
     for k in kind if isinstance(kind, tuple) else (kind,):
@@ -65,22 +66,27 @@ def block_min(weight: torch.Tensor) -> torch.Tensor | None:
     return getattr(weight, BLOCK_MIN_ATTR, None)
 
 
-def _q8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x as float32 blocks, q, d) of ggml's q8_0/q8_1 x86 quantizer (d not yet float16)."""
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x``'s rows as float32 (the port's activations) blocks of ``block``."""
     n = x.shape[-1]
     if n % block:
         raise ValueError(f"activation rounding: rows of {n} are not whole blocks of {block}")
-    xb = x.to(torch.float32).reshape(*x.shape[:-1], n // block, block)
+    return x.to(torch.float32).reshape(*x.shape[:-1], n // block, block)
+
+
+def _q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, d) of ggml's q8_0/q8_1 x86 quantizer, blocks of 32 (d float32, stored as float16)."""
+    xb = _blocks(x, BLOCK["q8_0"])
     amax = xb.abs().amax(-1, keepdim=True)
     # a true float32 division (``127.0 / t`` is computed as ``127 * (1 / t)``, off by an ulp)
     scale = torch.where(amax != 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    return xb, torch.round(xb * scale), amax / 127.0
+    return torch.round(xb * scale), amax / 127.0
 
 
 def sum_error(x: torch.Tensor) -> torch.Tensor:
     """Per q8_1 block of ``x`` [.., n/32]: ``fp16(d sum(q)) - d sum(q)`` (d float16, the
     product float32 as ggml forms it), the error a Q4_1/Q5_1 matmul adds times ``m``."""
-    _, q, d = _q8_blocks(x, BLOCK["q8_1"])
+    q, d = _q8(x)
     s = d.squeeze(-1) * q.sum(-1)  # float32, as ggml's d * hsum
     exact = d.to(torch.float16).to(x.dtype).squeeze(-1) * q.sum(-1).to(x.dtype)
     return s.to(torch.float16).to(x.dtype) - exact
@@ -88,21 +94,15 @@ def sum_error(x: torch.Tensor) -> torch.Tensor:
 
 def round_activations(x: torch.Tensor, kind: Kind) -> torch.Tensor:
     """Each row of ``x`` (last axis) quantized to ``kind`` and back, in ``x``'s dtype."""
-    x32 = x.to(torch.float32)  # the port's activations are float32
-    if kind == "f16":
-        return x32.to(torch.float16).to(x.dtype)
-    if kind == "bf16":
-        return x32.to(torch.bfloat16).to(x.dtype)
-    if kind not in BLOCK:
-        raise ValueError(f"activation rounding {kind!r}: expected one of {', '.join(KINDS)}")
-    if kind != "q8_K":
-        _, q, d = _q8_blocks(x, BLOCK[kind])
+    if kind in ("f16", "bf16"):
+        half = torch.float16 if kind == "f16" else torch.bfloat16
+        return x.to(torch.float32).to(half).to(x.dtype)
+    if kind in ("q8_0", "q8_1"):
+        q, d = _q8(x)
         return (q.to(x.dtype) * d.to(torch.float16).to(x.dtype)).reshape(x.shape)
-    n, block = x.shape[-1], BLOCK[kind]
-    if n % block:
-        raise ValueError(f"activation rounding {kind}: rows of {n} are not whole blocks of "
-                         f"{block}")
-    xb = x32.reshape(*x.shape[:-1], n // block, block)
+    if kind != "q8_K":
+        raise ValueError(f"activation rounding {kind!r}: expected one of {', '.join(KINDS)}")
+    xb = _blocks(x, BLOCK["q8_K"])
     peak = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # signed, first of largest |x|
     scale = torch.where(peak != 0, torch.full_like(peak, -127.0) / peak, torch.zeros_like(peak))
     q = torch.round(xb * scale).clamp(max=127)

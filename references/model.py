@@ -662,24 +662,12 @@ class BailingHybridReference:
         rec: _Recorder,
         name: Namer,
         forced: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One pre-norm decoder layer on the new tokens ``x`` [T, hidden]; updates ``cache``.
-        ``forced`` [T, k]: the MoE uses these expert ids (a router-forced run)."""
-        return self.block_forward_routed(x, block, cache, positions, rec, name, forced)[0]
-
-    def block_forward_routed(
-        self,
-        x: torch.Tensor,
-        block: Block,
-        cache: Cache,
-        positions: torch.Tensor,
-        rec: _Recorder,
-        name: Namer,
-        forced: torch.Tensor | None = None,
         anchor: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Routing | None]:
-        """:meth:`block_forward`, also returning the MoE's routing (None for a dense FFN).
-        ``anchor(point, value)``: what goes on after a residual point (ReferenceSession)."""
+        """One pre-norm decoder layer on the new tokens ``x`` [T, hidden]; updates ``cache``.
+        Returns the layer's output and the MoE's routing (None for a dense FFN). ``forced``
+        [T, k]: the MoE uses these expert ids (a router-forced run); ``anchor(point, value)``:
+        what goes on after a residual point (ReferenceSession)."""
         a = rms_norm(x, block.input_norm, self.eps)
         rec.put(name("attn_norm"), a)
         if anchor is not None:
@@ -859,7 +847,7 @@ class ReferenceSession:
         x = m.embed_rows(tokens)
         for i, (block, cache) in enumerate(zip(m.blocks, self._caches, strict=True)):
             forced = self._forced_rows(i, self.position, self.position + t)
-            x, routing = m.block_forward_routed(
+            x, routing = m.block_forward(
                 x, block, cache, positions, rec, lambda s, i=i: f"{s}-{i}", forced,
                 anchor=lambda point, h: self._anchored(point, h, t),
             )
@@ -961,7 +949,7 @@ class ReferenceSession:
         rec.put("mtp_eh_proj", u)
         positions = torch.arange(start, stop, device=m.device)
         forced = self._forced_rows(m.n_layers, start, stop)
-        y, routing = m.block_forward_routed(
+        y, routing = m.block_forward(
             u, head.block, self._mtp_cache, positions, rec, _MTP_NAMES.get, forced
         )
         self._note_margins(m.n_layers, routing, forced)

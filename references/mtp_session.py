@@ -200,7 +200,7 @@ class ReferenceMtpSession(DraftingSession):
         m.begin_forward()
         x = m.embed_rows(tokens)
         for block, cache in zip(m.blocks, self._caches, strict=True):
-            x = m.block_forward(x, block, cache, positions, _DISCARD, _no_name)  # type: ignore[arg-type]
+            x = m.block_forward(x, block, cache, positions, _DISCARD, _no_name)[0]  # type: ignore[arg-type]
         normed = rms_norm(x, m.norm, m.eps)
         hidden = normed if m.options.variant.mtp_hidden == "post_norm" else x
         return _numpy(m.logits(normed)), hidden
@@ -216,7 +216,7 @@ class ReferenceMtpSession(DraftingSession):
         pair = (e, hn) if variant.mtp_concat == "embed_first" else (hn, e)
         u = linear(torch.cat(pair, dim=-1), head.eh_proj)
         positions = torch.arange(start, start + len(ids), device=m.device)
-        y = m.block_forward(u, head.block, self._mtp_cache, positions, _DISCARD, _no_name)  # type: ignore[arg-type]
+        y = m.block_forward(u, head.block, self._mtp_cache, positions, _DISCARD, _no_name)[0]  # type: ignore[arg-type]
         final = head.final_norm if variant.mtp_final_norm == "mtp_final_layernorm" else m.norm
         return y, _numpy(m.logits(rms_norm(y, final, m.eps)))
 

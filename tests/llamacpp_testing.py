@@ -81,13 +81,22 @@ def write_tiny_llama(
     w.add_vocab_size(cfg.n_vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("no_vocab")
-    for name, shape in tensor_shapes(cfg).items():
+    return _write_random_tensors(w, path, tensor_shapes(cfg), drop, rng, cfg.std)
+
+
+def _write_random_tensors(w, path: Path, shapes: dict[str, tuple[int, ...]],
+                          drop: Collection[str], rng: np.random.Generator, std: float) -> Path:
+    """Random f32 tensors (norms near 1, which keeps activations well scaled; KDA's ``ssm_a``
+    negative), then the file written and closed."""
+    for name, shape in shapes.items():
         if name in drop:
             continue
-        if len(shape) == 1:  # norm weights near 1 keep activations well scaled
+        if name.endswith("norm.weight"):
             arr = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith(".ssm_a"):
+            arr = -np.abs(rng.standard_normal(shape)) - 0.5
         else:
-            arr = cfg.std * rng.standard_normal(shape)
+            arr = std * rng.standard_normal(shape)
         w.add_tensor(name, arr.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -238,21 +247,7 @@ def write_tiny_bailingmoe3(
     w.add_uint32(f"{arch}.vocab_size", cfg.n_vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("no_vocab")
-    for name, shape in bailingmoe3_tensor_shapes(cfg).items():
-        if name in drop:
-            continue
-        if name.endswith("norm.weight"):
-            arr = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith(".ssm_a"):
-            arr = -np.abs(rng.standard_normal(shape)) - 0.5
-        else:
-            arr = cfg.std * rng.standard_normal(shape)
-        w.add_tensor(name, arr.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _write_random_tensors(w, path, bailingmoe3_tensor_shapes(cfg), drop, rng, cfg.std)
 
 
 REQUIRE_ENV = "BAILING_PARITY_REQUIRE_LLAMACPP"

@@ -123,7 +123,7 @@ def test_candidate_mlx_dir_is_none_without_a_quantization_and_refuses_other_back
     write_config(tmp_path, architectures=["BailingMoeV2_5ForCausalLM"])
     assert candidate_mlx_dir(Target.parse("mlx"), tmp_path) is None
     assert candidate_mlx_dir(BackendOptions(dtype="float32"), tmp_path) is None
-    with pytest.raises(InputError, match=r"not an mlx target"):
+    with pytest.raises(InputError, match=r"torch target, not mlx: it runs no MLX model directory"):
         candidate_mlx_dir(Target.parse("torch-float64"), tmp_path)
     with pytest.raises(InputError, match=r"model_dir=.*absent: no config\.json there"):
         candidate_mlx_dir(Target.parse(f"mlx:model_dir={tmp_path / 'absent'}"), tmp_path)

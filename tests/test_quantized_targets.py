@@ -118,7 +118,7 @@ def test_candidate_gguf_of_a_given_file_is_that_file(tmp_path: Path) -> None:
     assert candidate_gguf(Target.parse(f"llamacpp:gguf={q4}"), tmp_path) == q4.resolve()
     options = BackendOptions(dtype="float32", extra={"gguf": str(q4)})
     assert candidate_gguf(options, tmp_path) == q4.resolve()
-    with pytest.raises(InputError, match=r"not a llama\.cpp target"):
+    with pytest.raises(InputError, match=r"torch target, not llamacpp: it runs no GGUF"):
         candidate_gguf(Target.parse("torch-float64"), tmp_path)
     with pytest.raises(InputError, match="file not found"):
         candidate_gguf(Target.parse(f"llamacpp:gguf={tmp_path / 'absent.gguf'}"), tmp_path)

@@ -232,17 +232,9 @@ def candidate_gguf(target_or_options: Any, checkpoint_dir: Path) -> Path:
     ``target_or_options``: a :class:`~harness.backends.targets.Target` or
     :class:`BackendOptions` of the llamacpp backend.
     """
-    from harness.backends.targets import Target
+    from harness.backends.targets import options_of
 
-    if isinstance(target_or_options, Target):
-        if target_or_options.backend != "llamacpp":
-            raise InputError(f"{target_or_options.label}: not a llama.cpp target, it runs no GGUF")
-        options = target_or_options.options()
-    elif isinstance(target_or_options, BackendOptions):
-        options = target_or_options
-    else:
-        raise TypeError(f"expected a Target or BackendOptions, got {type(target_or_options)}")
-    settings = parse_options(options)
+    settings = parse_options(options_of(target_or_options, "llamacpp", "GGUF"))
     if settings.gguf is not None:
         return settings.gguf.resolve()
     checkpoint = Path(checkpoint_dir).expanduser().resolve()

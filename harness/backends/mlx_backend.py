@@ -18,7 +18,6 @@ with Ling 3.0's :mod:`harness.backends.mlx_ling3`, which a Ling 3.0 checkpoint i
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,19 +137,10 @@ def candidate_mlx_dir(target_or_options: Any, checkpoint_dir: Path) -> Path | No
     ``target_or_options``: a :class:`~harness.backends.targets.Target` or
     :class:`BackendOptions` of the mlx backend.
     """
-    from harness.backends.targets import Target
+    from harness.backends.targets import options_of
 
-    if isinstance(target_or_options, Target):
-        if target_or_options.backend != "mlx":
-            raise InputError(f"{target_or_options.label}: not an mlx target, it runs no MLX "
-                             "model directory")
-        options = target_or_options.options()
-    elif isinstance(target_or_options, BackendOptions):
-        options = target_or_options
-    else:
-        raise TypeError(f"expected a Target or BackendOptions, got {type(target_or_options)}")
     checkpoint = Path(checkpoint_dir)
-    settings = mlx_options(options)
+    settings = mlx_options(options_of(target_or_options, "mlx", "MLX model directory"))
     folder = _model_dir(checkpoint, settings, _check_config(checkpoint))
     if folder is not None and settings.model_dir is not None and dir_quantization(folder) is None:
         return None if check_same_weights(folder, checkpoint) else folder
@@ -195,13 +185,7 @@ def _check_same_model(model_dir: Path, checkpoint_dir: Path, family: str) -> Non
 def _check_config(checkpoint_dir: Path) -> str:
     """The checkpoint's family (``harness.backends.families``), decided before mlx-lm guesses a
     module."""
+    from references.config import read_config_json
+
     path = checkpoint_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as e:
-        raise InputError(f"{path}: cannot be read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return family_of(raw, path).name
+    return family_of(read_config_json(path), path).name

@@ -148,3 +148,17 @@ def parse_targets(spec: str, extra: dict[str, dict[str, str]] | None = None) -> 
     if not out:
         raise InputError("no backends given")
     return out
+
+
+def options_of(target_or_options: Target | BackendOptions, backend: str,
+               runs: str) -> BackendOptions:
+    """The options of a ``backend`` target, or the options themselves (direct callers);
+    InputError for another backend's target (``runs``: what this backend's target runs)."""
+    if isinstance(target_or_options, Target):
+        if target_or_options.backend != backend:
+            raise InputError(f"{target_or_options.label}: a {target_or_options.backend} "
+                             f"target, not {backend}: it runs no {runs}")
+        return target_or_options.options()
+    if isinstance(target_or_options, BackendOptions):
+        return target_or_options
+    raise TypeError(f"expected a Target or BackendOptions, got {type(target_or_options)}")

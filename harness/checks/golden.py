@@ -255,16 +255,8 @@ class GoldenRun:
 
     def check_checkpoint(self, checkpoint: Path, raw_config: Mapping[str, Any]) -> None:
         """InputError naming what differs when ``checkpoint`` is not the one captured."""
-        where = self.path / MANIFEST
-        if config_digest(raw_config) != self.manifest["config_sha256"]:
-            diff = config_differences(self.manifest.get("config", {}), raw_config)
-            raise InputError(f"{where}: captured from another config than {checkpoint}/"
-                             f"config.json: {_listed(diff or ['content differs'])}")
-        diff = fingerprint_differences(self.manifest["fingerprint"],
-                                       checkpoint_fingerprint(checkpoint))
-        if diff:
-            raise InputError(f"{where}: captured from other weights than {checkpoint}: "
-                             f"{_listed(diff)}")
+        check_recorded_checkpoint(self.path / MANIFEST, self.manifest, checkpoint, raw_config,
+                                  "captured")
 
     def check_tokens(self, tokens: Sequence[int], source: str) -> None:
         """InputError when ``tokens`` (from ``source``) are not the golden run's prompt."""
@@ -362,6 +354,21 @@ def _widened(array: np.ndarray) -> np.ndarray:
 
 REQUIRED_KEYS = ("tokens", "reference", "config_sha256", "fingerprint", "files",
                  "capture_points", "store_dtype")
+
+
+def check_recorded_checkpoint(where: Path, manifest: Mapping[str, Any], checkpoint: Path,
+                              raw_config: Mapping[str, Any], made: str) -> None:
+    """InputError naming what differs when ``checkpoint`` is not the one a manifest (with
+    ``config_sha256``, ``config`` and ``fingerprint``) recorded; ``made``: how the file came
+    from it ("captured", "computed")."""
+    if config_digest(raw_config) != manifest["config_sha256"]:
+        diff = config_differences(manifest.get("config", {}), raw_config)
+        raise InputError(f"{where}: {made} from another config than {checkpoint}/"
+                         f"config.json: {_listed(diff or ['content differs'])}")
+    diff = fingerprint_differences(manifest["fingerprint"], checkpoint_fingerprint(checkpoint))
+    if diff:
+        raise InputError(f"{where}: {made} from other weights than {checkpoint}: "
+                         f"{_listed(diff)}")
 
 
 def read_manifest(folder: Path, fmt: str, required: Sequence[str], *, kind: str,

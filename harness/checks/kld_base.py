@@ -22,13 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.checks.golden import (
-    checkpoint_fingerprint,
-    config_differences,
-    config_digest,
-    fingerprint_differences,
-    read_manifest,
-)
+from harness.checks.golden import check_recorded_checkpoint, read_manifest
 from harness.core.atomic import staged_dir, write_text
 from harness.core.errors import InputError
 
@@ -103,16 +97,8 @@ class KldBase:
 
     def check_checkpoint(self, checkpoint: Path, raw_config: Mapping[str, Any]) -> None:
         """InputError naming what differs when ``checkpoint`` is not the one the base ran."""
-        where = self.path / MANIFEST
-        if config_digest(raw_config) != self.manifest["config_sha256"]:
-            diff = config_differences(self.manifest.get("config", {}), raw_config)
-            raise InputError(f"{where}: the base was computed from another config than "
-                             f"{checkpoint}/config.json: {', '.join(diff[:3]) or 'content'}")
-        diff = fingerprint_differences(self.manifest["fingerprint"],
-                                       checkpoint_fingerprint(checkpoint))
-        if diff:
-            raise InputError(f"{where}: the base was computed from other weights than "
-                             f"{checkpoint}: {', '.join(diff[:3])}")
+        check_recorded_checkpoint(self.path / MANIFEST, self.manifest, checkpoint, raw_config,
+                                  "the base was computed")
 
     def check_run(self, *, ctx: int | None, chunks: int | None,
                   tokens: np.ndarray | None, corpus: Path | None) -> None:

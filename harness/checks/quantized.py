@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from harness.backends.targets import Target, gguf_type
+from harness.checks.compare import PairResult
 from harness.core import capture_points
 from harness.core.tolerances import Tolerance
 
@@ -115,18 +116,16 @@ def anchored_captures(model: Any, tokens: Sequence[int], candidate: Mapping[str,
     return model.start(names, anchors=anchors).feed(list(tokens)), missing
 
 
-def verdict_text(port: object, loss: object) -> str:
+def verdict_text(port: PairResult, loss: PairResult) -> str:
     """The check's story: port correctness first (it decides), then the quantization error."""
-    lines = [f"port correctness: {port.summary_line()}"]  # type: ignore[attr-defined]
-    kld = getattr(loss, "kld", {})
-    row = loss.table  # type: ignore[attr-defined]
-    logits = row.loc[row["point"] == "result_output"]
+    lines = [f"port correctness: {port.summary_line()}"]
+    logits = loss.table.loc[loss.table["point"] == "result_output"]
     if not logits.empty:
-        nm = float(logits.iloc[0]["nmse"])
-        same = kld.get("same_top_p", math.nan)
-        unc = kld.get("same_top_p_unc", math.nan)
+        kld = loss.kld
         lines.append(
-            f"  quantization error ({loss.candidate} vs {loss.reference}): logits NMSE "  # type: ignore[attr-defined]
-            f"{nm:.2e}, mean KLD {kld.get('mean_kld', math.nan):.3g}, max KLD "
-            f"{kld.get('kld_max', math.nan):.3g}, same top p {same:.1%} ± {unc:.1%}")
+            f"  quantization error ({loss.candidate} vs {loss.reference}): logits NMSE "
+            f"{float(logits.iloc[0]['nmse']):.2e}, mean KLD "
+            f"{kld.get('mean_kld', math.nan):.3g}, max KLD {kld.get('kld_max', math.nan):.3g}, "
+            f"same top p {kld.get('same_top_p', math.nan):.1%} ± "
+            f"{kld.get('same_top_p_unc', math.nan):.1%}")
     return "\n".join(lines)

@@ -165,6 +165,16 @@ class Check:
               reference: Target) -> CheckResult:
         raise NotImplementedError
 
+    @staticmethod
+    def dequantized(subject: Subject, candidate: Target, reference: Target) -> Target | None:
+        """The reference on a quantized candidate's own weights (None for any other
+        candidate): every check judges a quantized port against it
+        (harness.checks.quantized)."""
+        from harness.checks.quantized import dequantized_reference
+
+        with port_boundary(candidate.label, "could not be prepared"):
+            return dequantized_reference(candidate, subject.checkpoint, reference)
+
     def result(self, subject: Subject, candidate: Target, reference: Target, ok: bool,
                message: str, result: Any) -> CheckResult:
         return CheckResult(self.name, subject, candidate, reference,
@@ -178,10 +188,7 @@ class PairCheck(Check):
 
     def judge(self, session: CheckSession, subject: Subject, candidate: Target,
               reference: Target) -> CheckResult:
-        from harness.checks.quantized import dequantized_reference
-
-        with port_boundary(candidate.label, "could not be prepared"):
-            dequantized = dequantized_reference(candidate, subject.checkpoint, reference)
+        dequantized = self.dequantized(subject, candidate, reference)
         if dequantized is not None:
             return self.judge_quantized(session, subject, candidate, reference, dequantized)
         res = self.compare_with(session, subject, candidate, reference,
@@ -274,11 +281,9 @@ class GreedyCheck(Check):
     def judge(self, session: CheckSession, subject: Subject, candidate: Target,
               reference: Target) -> CheckResult:
         from harness.checks.greedy import GREEDY_STEPS, greedy_compare
-        from harness.checks.quantized import dequantized_reference
 
-        with port_boundary(candidate.label, "could not be prepared"):
-            dequantized = dequantized_reference(candidate, subject.checkpoint, reference)
         # a quantized port decodes greedily as the reference on its own weights does
+        dequantized = self.dequantized(subject, candidate, reference)
         cand = session.model(candidate, subject.checkpoint)
         ref = session.model(dequantized or reference, subject.checkpoint)
         with port_boundary(candidate.label, "crashed in greedy decode"):
@@ -304,11 +309,8 @@ class MtpCheck(Check):
         if not supports(candidate, "mtp", subject.family):
             return CheckResult(self.name, subject, candidate, reference, Status.SKIPPED,
                                f"no MTP driver for {candidate.backend} in the harness yet")
-        from harness.checks.quantized import dequantized_reference
-
         tolerance = subject.tolerance(candidate.dtype).nmse
-        with port_boundary(candidate.label, "could not be prepared"):
-            dequantized = dequantized_reference(candidate, subject.checkpoint, reference)
+        dequantized = self.dequantized(subject, candidate, reference)
         if dequantized is not None:  # a quantized port drafts as the reference on its weights
             tolerance = subject.tolerance("quantized").nmse
         mtp = MtpRunner(steps=MTP_STEPS, reference=dequantized or reference,
@@ -365,10 +367,7 @@ class SlopesCheck(Check):
         if convention is None or not subject.has_slopes:
             return CheckResult(self.name, subject, candidate, reference, Status.SKIPPED,
                                "no GLA decay slopes in this family")
-        from harness.checks.quantized import dequantized_reference
-
-        with port_boundary(candidate.label, "could not be prepared"):
-            dequantized = dequantized_reference(candidate, subject.checkpoint, reference)
+        dequantized = self.dequantized(subject, candidate, reference)
         verdict = diagnose(candidate.label, session.model(candidate, subject.checkpoint),
                            session.slope_references(subject.checkpoint, dequantized),
                            expected=convention.slope)

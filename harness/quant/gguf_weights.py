@@ -44,6 +44,7 @@ from harness.llamacpp.tensor_maps import (
     layer_kinds,
     map_for_gguf,
 )
+from harness.quant.tensors import finite_tensor
 from references.activation_rounding import declare
 
 # ggml-cpu's vec_dot type per weight type: what a CPU matmul converts its float32 input to
@@ -217,11 +218,8 @@ class GgufWeights:
         arr = arr.reshape((-1, *shape[1:]) if sliced else shape)
         if rows is not None and not sliced:
             arr = arr[rows[0] : rows[1]]
-        if cols is not None:
-            arr = arr[:, cols[0] : cols[1]]
-        if not np.isfinite(arr).all():
-            raise InputError(f"{self.path}: {'+'.join(plan.gguf)} (for {name}) holds NaN or inf")
-        out = torch.from_numpy(np.ascontiguousarray(arr)).to(device, dtype)
+        out = finite_tensor(arr, cols, dtype, device,
+                            f"{self.path}: {'+'.join(plan.gguf)} (for {name})")
         if self.activations == "ggml-cpu":
             types = self.gguf_types(name)
             kinds = tuple(self.activation_kind(t) for t in types)

@@ -69,19 +69,13 @@ def bits_group_problem(bits: int | None, group: int | None) -> str | None:
 
 def read_config(model_dir: Path) -> dict[str, Any]:
     """config.json of an MLX (or HF) model directory; InputError naming the file otherwise."""
+    from references.config import read_config_json
+
     path = Path(model_dir) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.is_file():
         raise InputError(f"{path}: not found (an MLX model directory holds config.json and "
-                         "model*.safetensors)") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot be read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return raw
+                         "model*.safetensors)")
+    return read_config_json(path)
 
 
 def dir_quantization(model_dir: Path) -> MlxQuant | None:

@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from harness.core.errors import InputError
 from harness.quant.mlx_quantize import dir_quantization, read_config
+from harness.quant.tensors import finite_tensor
 
 _SWITCH = re.compile(r"^(model\.layers\.\d+\.mlp)\.switch_mlp\.(\w+)\.(weight|bias)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -140,11 +141,8 @@ class MlxWeights:
             arr = arr if rows is None else arr[rows[0] : rows[1]]
         else:  # a quantized row is whole groups: rows are read (and dequantized) alone
             arr = self._read(plan.keys[0], index=plan.expert, rows=rows)
-        if cols is not None:
-            arr = arr[:, cols[0] : cols[1]]
-        if not np.isfinite(arr).all():
-            raise InputError(f"{self.path}: {'+'.join(plan.keys)} (for {name}) holds NaN or inf")
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(device, dtype)
+        return finite_tensor(arr, cols, dtype, device,
+                             f"{self.path}: {'+'.join(plan.keys)} (for {name})")
 
     def quantized(self, name: str) -> bool:
         """Whether the port runs ``name`` quantized (False: a float tensor or the checkpoint's)."""
