@@ -124,20 +124,39 @@ def mla_forward(
     k_pe = rope(k_pe, positions, dims.qk_rope_head_dim, dims.rope_theta, rope_style)
     q_offset = cache.length
     cache.append(latent, k_pe)
-    attend = {"naive": _attend_naive, "absorbed": _attend_absorbed}[impl]
-    # Query blocks keep the score matrix at [H, block, S] instead of [H, T, S]: a long prompt
-    # costs O(T * block) memory, not O(T^2); rows are independent, so the math is unchanged.
-    o = torch.cat(
-        [
-            attend(q_nope[:, i : i + QUERY_BLOCK], q_pe[:, i : i + QUERY_BLOCK], cache,
-                   w.kv_b_proj, dims, q_offset + i)
-            for i in range(0, max(t, 1), QUERY_BLOCK)  # t == 0: one empty block
-        ],
-        dim=1,
-    )  # [H, T, v]
+    o = attend(q_nope, q_pe, cache, w.kv_b_proj, dims, q_offset, impl=impl)  # [H, T, v]
     if w.g_proj is not None:
         o = o * torch.sigmoid(linear(a, w.g_proj)).transpose(0, 1)[..., None]
     return linear(o.transpose(0, 1).reshape(t, h * dims.v_head_dim), w.dense), latent
+
+
+def attend(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    cache: MLACache,
+    kv_b: torch.Tensor,
+    dims: MLADims,
+    q_offset: int,
+    *,
+    impl: MlaImpl = "naive",
+) -> torch.Tensor:
+    """Queries ``q_nope`` [H, T, nope] and roped ``q_pe`` [H, T, rope] at positions
+    ``q_offset..`` over every cached token (causal): the heads' outputs [H, T, v].
+
+    Also what a port-arithmetic model built on another framework's MLA calls
+    (:mod:`harness.backends.transformers_port_arithmetic`), so both attend the same way."""
+    attend_block = {"naive": _attend_naive, "absorbed": _attend_absorbed}[impl]
+    # Query blocks keep the score matrix at [H, block, S] instead of [H, T, S]: a long prompt
+    # costs O(T * block) memory, not O(T^2); rows are independent, so the math is unchanged.
+    t = q_nope.shape[1]
+    return torch.cat(
+        [
+            attend_block(q_nope[:, i : i + QUERY_BLOCK], q_pe[:, i : i + QUERY_BLOCK], cache,
+                         kv_b, dims, q_offset + i)
+            for i in range(0, max(t, 1), QUERY_BLOCK)  # t == 0: one empty block
+        ],
+        dim=1,
+    )
 
 
 def _causal_softmax(scores: torch.Tensor, q_offset: int) -> torch.Tensor:

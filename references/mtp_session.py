@@ -16,7 +16,7 @@ t+1; its MLA cache holds one entry per committed position, in step with the trun
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,10 +177,12 @@ class ReferenceMtpModel:
     def start(self) -> ReferenceMtpSession:
         return ReferenceMtpSession(self.model)
 
-    def capture(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
-        """Teacher forcing: every mtp_* point for positions 0..T-2 and the trunk's logits."""
+    def capture(self, tokens: Sequence[int],
+                anchors: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Teacher forcing: every mtp_* point for positions 0..T-2 and the trunk's logits
+        (``anchors``: a port's trunk rows each sublayer starts from, as in a prefill)."""
         names = [p.stem for p in MTP_POINTS]
-        return self.model.start([*names, "result_output"]).feed(list(tokens))
+        return self.model.start([*names, "result_output"], anchors=anchors).feed(list(tokens))
 
 
 class ReferenceMtpSession(DraftingSession):

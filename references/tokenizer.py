@@ -1,5 +1,7 @@
-"""A tiny, real byte-level BPE tokenizer for synthetic checkpoints (they ship none): text prompts
-and the llama.cpp converter then take the same path as with a real checkpoint's tokenizer."""
+"""A tiny, real byte-level BPE tokenizer that every synthetic checkpoint ships
+(:func:`write_checkpoint_tokenizer`): text prompts, ``--chat`` and the llama.cpp converter then
+take the same path as with a real checkpoint's tokenizer.  The converter also stages it into the
+copy of a user's checkpoint that has none."""
 
 from __future__ import annotations
 
@@ -7,6 +9,12 @@ import json
 from pathlib import Path
 
 from harness.core.errors import InputError
+
+# The files :func:`write_tiny_tokenizer` writes (remove them for a checkpoint with no tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# The tokenizer_config.json key that marks a tokenizer as this module's: llama.cpp's converter
+# knows no hash for its pre-tokenizer, and our port's converter names it "default" only for it.
+TINY_MARK = "bailing_parity_tokenizer"
 
 # One role marker per message, then the assistant's: enough for ``--chat`` to be tested end to end.
 TINY_CHAT_TEMPLATE = (
@@ -68,7 +76,25 @@ def write_tiny_tokenizer(out: Path, vocab_size: int, *, chat_template: bool = Fa
     tok.decoder = decoders.ByteLevel()
     tok.save(str(out / "tokenizer.json"))
     config: dict[str, object] = {"tokenizer_class": "PreTrainedTokenizerFast",
-                                 "model_max_length": 1 << 20}
+                                 "model_max_length": 1 << 20,
+                                 TINY_MARK: "tiny byte-level BPE (references/tokenizer.py)"}
     if chat_template:
         config["chat_template"] = TINY_CHAT_TEMPLATE
     (out / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def write_checkpoint_tokenizer(out: Path, vocab_size: int) -> None:
+    """The tokenizer a synthetic checkpoint ships: the tiny BPE of the model's vocabulary with
+    the chat template, so ``--prompt-text``, ``--chat`` and a case's text prompts work on it.
+    Case files tokenize their text prompts with this same tokenizer (harness.checks.cases)."""
+    write_tiny_tokenizer(out, vocab_size, chat_template=True)
+
+
+def is_tiny_tokenizer(checkpoint: Path) -> bool:
+    """Whether ``checkpoint``'s tokenizer is the harness's tiny one (its :data:`TINY_MARK`), as
+    in every synthetic case's checkpoint."""
+    try:
+        config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and TINY_MARK in config

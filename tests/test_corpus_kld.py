@@ -18,7 +18,7 @@ import pytest
 from harness.checks.cases import CASES_DIR, load_case, materialize
 from harness.checks.corpus_kld import KLD_PERCENTILES, kld_summary
 from harness.cli.main import main
-from references.tokenizer import write_tiny_tokenizer
+from tests.bare_checkpoint import bare_copy
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("mlx_lm")
@@ -36,19 +36,15 @@ LLAMA_LINES = ("Mean PPL(Q)                   :", "Mean PPL(base)               
 
 
 @pytest.fixture(scope="module")
-def bare() -> Path:
-    """The flash-mini case's checkpoint as the synthetic writer leaves it (no tokenizer)."""
+def checkpoint() -> Path:
+    """The flash-mini case's checkpoint: it ships the harness's tiny byte-level tokenizer."""
     return materialize(load_case(CASES_DIR / "flash-mini.toml"))
 
 
 @pytest.fixture(scope="module")
-def checkpoint(bare: Path, tmp_path_factory) -> Path:
-    """The same weights with the harness's tiny byte-level tokenizer beside them."""
-    d = tmp_path_factory.mktemp("flash-mini-tok")
-    for f in bare.iterdir():
-        (d / f.name).symlink_to(f)
-    write_tiny_tokenizer(d, json.loads((bare / "config.json").read_text())["vocab_size"])
-    return d
+def bare(checkpoint: Path, tmp_path_factory) -> Path:
+    """The same weights with no tokenizer beside them."""
+    return bare_copy(checkpoint, tmp_path_factory.mktemp("flash-mini-bare") / "ckpt")
 
 
 def kld(*args: str) -> tuple[int, str, str]:

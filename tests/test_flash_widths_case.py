@@ -132,8 +132,8 @@ def test_each_candidate_is_freed_after_its_last_item_of_the_case(
                        plugins=[Grab()])
     assert code == pytest.ExitCode.OK
     last = [(p, b) for p, b, is_last in flags if is_last]
-    # two prompts: each candidate is freed after the second prompt's items, not in between
-    assert last == [("random-96", "torch"), ("random-96", "mlx")]
+    # three prompts: each candidate is freed after the last prompt's items, not in between
+    assert last == [("text", "torch"), ("text", "mlx")]
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def suite(reports: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path
 
 def test_capture_cases_writes_one_golden_run_per_case_and_prompt(golden):
     assert sorted(p.relative_to(golden).as_posix() for p in golden.glob("*/*")) == [
-        "flash-mini/random-96", "flash-mini/short"]
+        "flash-mini/random-96", "flash-mini/short", "flash-mini/text"]
     first = json.loads((golden / "flash-mini" / "short" / MANIFEST).read_text())
     second = json.loads((golden / "flash-mini" / "random-96" / MANIFEST).read_text())
     assert "mtp" in first and "mtp" not in second  # the mtp check runs on a case's first prompt
@@ -58,7 +58,7 @@ def test_pytest_golden_gives_the_direct_runs_verdicts_and_tables(golden, tmp_pat
     assert direct.returncode == via.returncode == 0, via.stdout[-3000:]
     assert "reference captures read from the golden runs" in via.stdout
     verdicts = pd.read_parquet(via_run / "verdicts.parquet")
-    assert len(verdicts) == 5 and set(verdicts["status"]) == {"passed"}  # 2x2 pairs + mtp
+    assert len(verdicts) == 7 and set(verdicts["status"]) == {"passed"}  # 3x2 pairs + mtp
     for table in TABLES:
         pd.testing.assert_frame_equal(pd.read_parquet(via_run / table),
                                       pd.read_parquet(direct_run / table), obj=table)
@@ -105,4 +105,4 @@ def test_a_case_prompt_without_its_golden_run_fails_its_items_naming_the_file(
     assert f"{where / 'flash-mini' / 'short' / MANIFEST}" in proc.stdout
     assert "bad input: " in proc.stdout and said in proc.stdout
     verdicts = pd.read_parquet(run / "verdicts.parquet").set_index("prompt")["status"]
-    assert verdicts.to_dict() == {"short": "failed", "random-96": "passed"}
+    assert verdicts.to_dict() == {"short": "failed", "random-96": "passed", "text": "passed"}

@@ -175,9 +175,45 @@ def test_normalised_checkpoint_needs_only_the_converter_side_fixes(
     ckpt = ling3_case_checkpoint(tmp_path_factory.mktemp("cases"))
     conv = convert(ckpt, "f32", cache=gguf_cache)
     text = "\n".join(conv.findings)
-    assert "KeyError 'norm_topk_prob'" in text and "tiny byte-level BPE" in text
-    for phrase in ("architectures=[", "score_function=", "no_kda_lora=", "n_group="):
+    assert "KeyError 'norm_topk_prob'" in text
+    for phrase in ("architectures=[", "score_function=", "no_kda_lora=", "n_group=",
+                   "tiny byte-level BPE"):
         assert phrase not in text, f"{phrase!r} reported for a checkpoint that has it"
+
+
+def gguf_tokenizer(gguf: Path) -> dict[str, Any]:
+    """The GGUF's tokenizer metadata: its tokens (in id order) and chat template (or None)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    template = fields.get("tokenizer.chat_template")
+    return {"tokens": fields["tokenizer.ggml.tokens"].contents(),
+            "chat_template": template.contents() if template is not None else None}
+
+
+@pytest.mark.parametrize("case", ["flash-mini", "ling3-mini"])
+def test_a_synthetic_case_converts_with_its_own_tokenizer_a_bare_copy_with_the_staged_one(
+    case: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, gguf_cache: Path
+) -> None:
+    from harness.checks.cases import load_case, materialize
+    from references.tokenizer import TINY_CHAT_TEMPLATE
+    from tests.bare_checkpoint import bare_copy
+
+    need_converter()
+    ckpt = materialize(load_case(ROOT / "cases" / f"{case}.toml"), tmp_path_factory.mktemp(case))
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    own_vocab = json.loads((ckpt / "tokenizer.json").read_text())["model"]["vocab"]
+    own = convert(ckpt, "f32", cache=gguf_cache)
+    assert "tiny byte-level BPE" not in "\n".join(own.findings)  # nothing was staged
+    meta = gguf_tokenizer(own.require())
+    assert meta["tokens"] == sorted(own_vocab, key=own_vocab.__getitem__)
+    assert len(meta["tokens"]) == vocab
+    assert meta["chat_template"] == TINY_CHAT_TEMPLATE  # the checkpoint's tokenizer_config.json
+
+    bare = convert(bare_copy(ckpt, tmp_path / "bare"), "f32", cache=gguf_cache)
+    assert "tiny byte-level BPE" in "\n".join(bare.findings)  # the staged fallback
+    staged = gguf_tokenizer(bare.require())
+    assert len(staged["tokens"]) == vocab and staged["chat_template"] is None
 
 
 def test_ling26_is_not_supported_by_upstream(tmp_path: Path, gguf_cache: Path) -> None:

@@ -43,7 +43,7 @@ def port(tmp_path: Path, old: str, new: str) -> str:
 def test_a_passing_suite_records_every_item_as_passed(tmp_path):
     code, summary, verdicts = suite(tmp_path)
     assert code == 0 and summary["passed"] is True
-    assert set(verdicts["status"]) == {"passed"} and len(verdicts) == 2  # two prompts
+    assert set(verdicts["status"]) == {"passed"} and len(verdicts) == 3  # three prompts
 
 
 @pytest.mark.slow

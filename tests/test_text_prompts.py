@@ -12,25 +12,22 @@ import pytest
 from harness.checks.cases import CASES_DIR, load_case, materialize
 from harness.cli.main import main
 from references.tokenizer import write_tiny_tokenizer
+from tests.bare_checkpoint import bare_copy
 
 pytest.importorskip("tokenizers")
 
 
 @pytest.fixture(scope="module")
-def bare(tmp_path_factory) -> Path:
-    """The flash-mini case's checkpoint as the synthetic writer leaves it (no tokenizer)."""
+def checkpoint() -> Path:
+    """The flash-mini case's checkpoint: it ships the harness's tiny tokenizer and chat
+    template."""
     return materialize(load_case(CASES_DIR / "flash-mini.toml"))
 
 
 @pytest.fixture(scope="module")
-def checkpoint(bare: Path, tmp_path_factory) -> Path:
-    """The same weights with the harness's tiny tokenizer and chat template beside them."""
-    d = tmp_path_factory.mktemp("flash-mini-tok")
-    for f in bare.iterdir():
-        (d / f.name).symlink_to(f)
-    vocab = json.loads((bare / "config.json").read_text())["vocab_size"]
-    write_tiny_tokenizer(d, vocab, chat_template=True)
-    return d
+def bare(checkpoint: Path, tmp_path_factory) -> Path:
+    """The same weights with no tokenizer beside them."""
+    return bare_copy(checkpoint, tmp_path_factory.mktemp("flash-mini-bare") / "ckpt")
 
 
 def ids(checkpoint: Path, text: str) -> list[int]:
@@ -114,11 +111,7 @@ def test_bad_text_prompts_exit_2_with_a_specific_message(checkpoint, tmp_path, c
 
 
 def test_ids_outside_the_vocabulary_are_refused(checkpoint, tmp_path, capsys):
-    small = tmp_path / "small"
-    small.mkdir()
-    for f in checkpoint.iterdir():
-        if not f.name.startswith("tokenizer"):
-            (small / f.name).symlink_to(f.resolve())
+    small = bare_copy(checkpoint, tmp_path / "small")
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -136,11 +129,7 @@ def test_a_checkpoint_without_a_tokenizer_names_the_folder(bare, tmp_path, capsy
 
 
 def test_a_checkpoint_without_a_chat_template_is_refused_for_chat(checkpoint, tmp_path, capsys):
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    for f in checkpoint.iterdir():
-        if not f.name.startswith("tokenizer"):
-            (plain / f.name).symlink_to(f.resolve())
+    plain = bare_copy(checkpoint, tmp_path / "plain")
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
     write_tiny_tokenizer(plain, vocab)
     assert parity(plain, tmp_path / "run", "--prompt-text", "hi", "--chat") == 2

@@ -38,9 +38,12 @@ class Family:
         resolve(self.write_checkpoint)(config_json, seed, out_dir)
 
     def writer_fingerprint(self) -> str:
-        """A hash of the synthetic writer's source, so editing it invalidates cached checkpoints."""
-        module = importlib.import_module(self.write_checkpoint.split(":")[0])
-        source = Path(module.__file__).read_bytes() if module.__file__ else b""
+        """A hash of the synthetic writer's source and of the tokenizer every synthetic
+        checkpoint ships, so editing either invalidates cached checkpoints."""
+        source = b""
+        for name in (self.write_checkpoint.split(":")[0], "references.tokenizer"):
+            module = importlib.import_module(name)
+            source += Path(module.__file__).read_bytes() if module.__file__ else b""
         return hashlib.sha256(source).hexdigest()[:16]
 
 

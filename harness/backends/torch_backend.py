@@ -52,11 +52,11 @@ class TorchOptions:
     def refuse_family(self, family: str) -> None:
         """Called when ``torch`` is handed to another family's implementation (an alias): what
         only our Ling-2.6 reference can do is refused there, saying why."""
-        if self.weights_gguf is not None and family != "ling26":
+        if self.weights_mlx is not None and family != "ling26":
             raise InputError(
-                f"torch: option weights_gguf={self.weights_gguf} needs our Ling-2.6 reference; "
-                f"on a {family} checkpoint the reference is transformers' model, which cannot "
-                "read GGUF weights (not supported yet)")
+                f"torch: option weights_mlx={self.weights_mlx} needs our Ling-2.6 reference; "
+                f"on a {family} checkpoint the reference is transformers' model, which reads "
+                "no MLX model directory (not supported yet)")
 
 
 def torch_options(options: BackendOptions) -> TorchOptions:

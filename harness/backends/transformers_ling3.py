@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +50,17 @@ class TransformersOptions:
     # default eager for float64 (grouped_mm rejects float64 at run time), transformers' otherwise
     experts_implementation: Literal["eager", "grouped_mm"] | None = None
     variant: str | None = None  # MTP runs only: one of the mtp_* mutations (references.ling3.mtp)
+    # a GGUF whose dequantized weights replace the checkpoint's (a quantized port's own weights,
+    # written back as a checkpoint folder: harness.quant.dequantized_checkpoint)
+    weights_gguf: Path | None = None
+    # how activations reach each projection: exactly, or rounded as the port's matmul rounds them
+    # (ggml-cpu; MLA then attends absorbed: harness.backends.transformers_port_arithmetic)
+    activations: Literal["exact", "ggml-cpu"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.activations == "ggml-cpu" and self.weights_gguf is None:
+            raise ValueError("activations=ggml-cpu rounds activations by each GGUF tensor's "
+                             "type: it needs weights_gguf=<file>")
 
 
 def transformers_options(options: BackendOptions) -> TransformersOptions:
@@ -109,6 +120,9 @@ def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLin
     from references.checkpoint_io import weight_files
 
     weight_files(checkpoint_dir)  # a tensor in two files is refused before transformers picks one
+    weights = None
+    if opts.weights_gguf is not None:
+        weights, checkpoint_dir = _port_weights(checkpoint_dir, opts)
     dtype = getattr(torch, options.dtype)
     experts = opts.experts_implementation or ("eager" if options.dtype == "float64" else None)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": opts.attn_implementation
@@ -123,7 +137,32 @@ def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLin
             f"{type(e).__name__}: {e}"
         ) from None
     model = model.to(options.device).eval()
-    return TransformersLing3Model(model, cfg.vocab_size, options.dtype)
+    loaded = TransformersLing3Model(model, cfg.vocab_size, options.dtype)
+    loaded.weights_dir = checkpoint_dir
+    if weights is not None and opts.activations == "ggml-cpu":
+        from harness.backends.transformers_port_arithmetic import install
+
+        loaded.port_weights = install(model, weights)
+    if weights is not None:
+        loaded.findings = [
+            f"reference weights dequantized from {opts.weights_gguf} (written back as the "
+            f"checkpoint folder {checkpoint_dir}), not read from the checkpoint's safetensors"
+            + ("; activations rounded as ggml-cpu's matmuls round them, MLA absorbed"
+               if opts.activations == "ggml-cpu" else "")]
+    return loaded
+
+
+def _port_weights(checkpoint_dir: Path, opts: TransformersOptions) -> tuple[Any, Path]:
+    """(the GGUF as weights, the checkpoint folder written from them) for ``weights_gguf``."""
+    from harness.quant.dequantized_checkpoint import dequantized_checkpoint
+    from harness.quant.gguf_weights import GgufWeights
+    from references.config import read_config_json
+
+    gguf = Path(opts.weights_gguf).expanduser()
+    if not gguf.is_file():
+        raise InputError(f"{WHERE}: weights_gguf={gguf}: file not found")
+    weights = GgufWeights(gguf, read_config_json(checkpoint_dir / "config.json"))
+    return weights, dequantized_checkpoint(weights, checkpoint_dir, gguf)
 
 
 class _Recorder(Recorder):
@@ -137,21 +176,35 @@ Hook = Callable[[Any, tuple[Any, ...], Any], None]
 
 
 class TransformersLing3Model:
-    """transformers' Ling 3.0 with capture hooks; sessions own a ``DynamicCache``."""
+    """transformers' Ling 3.0 with capture hooks; sessions own a ``DynamicCache``.
+
+    ``anchors`` (:meth:`start`): per point of :data:`ANCHOR_STEMS` (and ``result_norm``), rows
+    that replace the model's own output there once it is captured, so every sublayer after it
+    starts from a port's values (:func:`harness.checks.quantized.anchored_captures`).
+    transformers' decoder layer keeps its residual in a local variable, so ``ffn_inp`` is not
+    an anchor here: ``l_out`` then carries the ``ffn_inp`` difference, which ``ffn_inp`` itself
+    shows, and the next layer starts from the port's ``l_out`` again."""
+
+    ANCHOR_STEMS: tuple[str, ...] = ("attn_norm", "ffn_norm", "l_out")
 
     def __init__(self, model: Any, vocab_size: int, dtype: str) -> None:
         self.model = model
         self.dtype = dtype
         self.vocab_size = vocab_size
         self.n_layers = int(model.config.num_hidden_layers)
+        self.weights_dir: Path | None = None  # the folder the weights were loaded from
+        self.port_weights: Any = None  # PortArithmetic: the GGUF whose rounding it emulates
+        self.findings: list[str] = []
+        self._anchors: dict[str, Any] = {}
         # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40).
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._rec = _Recorder()
         self._install_hooks()
 
-    def start(self, capture: Collection[str] = ()) -> TransformersLing3Session:
-        return TransformersLing3Session(self, wanted_points(capture))
+    def start(self, capture: Collection[str] = (),
+              anchors: Mapping[str, np.ndarray] | None = None) -> TransformersLing3Session:
+        return TransformersLing3Session(self, wanted_points(capture), anchors or {})
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -170,6 +223,19 @@ class TransformersLing3Model:
             if args and rec.wants(name):
                 x = args[0]
                 rec.put(name, x.flatten(-2) if flatten_heads else x)
+
+        return hook
+
+    def _anchor(self, name: str) -> Hook:
+        """Registered after the capture hooks: the capture keeps the model's own value."""
+        anchors = self._anchors
+
+        def hook(module: Any, args: tuple[Any, ...], out: Any) -> Any:
+            rows = anchors.get(name)
+            if rows is None:
+                return None
+            value = out[0] if isinstance(out, tuple) else out
+            return rows.to(value)[None].reshape(value.shape)
 
         return hook
 
@@ -216,16 +282,24 @@ class TransformersLing3Model:
                 mlp.gate.register_forward_hook(self._route(i))
                 mlp.shared_experts.register_forward_hook(self._out(layer_point("ffn_shexp", i)))
         inner.norm.register_forward_hook(self._out("result_norm"))
+        for i, layer in enumerate(inner.layers[: self.n_layers]):
+            layer.input_layernorm.register_forward_hook(self._anchor(layer_point("attn_norm", i)))
+            layer.post_attention_layernorm.register_forward_hook(
+                self._anchor(layer_point("ffn_norm", i)))
+            layer.register_forward_hook(self._anchor(layer_point("l_out", i)))
+        inner.norm.register_forward_hook(self._anchor("result_norm"))
 
 
 class TransformersLing3Session:
     """One sequence: the first feed prefills, later feeds continue through the same cache."""
 
-    def __init__(self, loaded: TransformersLing3Model, wanted: frozenset[str]) -> None:
+    def __init__(self, loaded: TransformersLing3Model, wanted: frozenset[str],
+                 anchors: Mapping[str, np.ndarray]) -> None:
         from transformers import DynamicCache
 
         self._loaded = loaded
         self._wanted = wanted
+        self._anchors = dict(anchors)  # for the first feed (the prompt) only
         self._cache = DynamicCache(config=loaded.model.config)
 
     def snapshot(self) -> object:
@@ -251,6 +325,14 @@ class TransformersLing3Session:
         rec = loaded._rec
         store: dict[str, Any] = {}
         rec.wanted, rec.store = self._wanted, store
+        anchors = {}
+        for name, rows in self._anchors.items():
+            if np.asarray(rows).shape[0] != len(tokens):
+                raise InputError(f"torch (Ling 3.0): anchor {name} has {len(rows)} rows for "
+                                 f"{len(tokens)} tokens")
+            anchors[name] = torch.as_tensor(np.asarray(rows, dtype=np.float64))
+        self._anchors = {}
+        loaded._anchors.update(anchors)
         device = next(loaded.model.parameters()).device
         cache_kw = {loaded.cache_kwarg: self._cache}
         try:
@@ -260,6 +342,7 @@ class TransformersLing3Session:
                 )
         finally:
             rec.wanted, rec.store = frozenset(), None
+            loaded._anchors.clear()
         store["result_output"] = out.logits
         return {name: _to_numpy(value) for name, value in store.items()}
 

@@ -40,8 +40,13 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 
 @dataclass(frozen=True)
 class Prompt:
+    """A case's prompt: its token ids, and for a text prompt the text (and whether the chat
+    template was applied) they came from."""
+
     name: str
     tokens: tuple[int, ...]
+    text: str | None = None
+    chat: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,12 @@ def load_case(path: Path) -> Case:
             raise InputError(f"{path}: missing key {key!r}")
     family = family_named(str(raw.get("family", "ling26")))
     cfg = family.validate_config({"architectures": [family.architecture], **raw["config"]}, path)
-    prompts = tuple(_prompt(path, i, p, cfg.vocab_size) for i, p in enumerate(raw["prompts"]))
+    tokenizer = _CaseTokenizer(cfg.vocab_size)
+    try:
+        prompts = tuple(_prompt(path, i, p, cfg.vocab_size, tokenizer)
+                        for i, p in enumerate(raw["prompts"]))
+    finally:
+        tokenizer.close()
     tolerances = {}
     for dtype, t in raw.get("tolerances", {}).items():
         if dtype not in DEFAULT_TOLERANCES:
@@ -166,24 +176,83 @@ def _slope(path: Path, value: Any, family: str) -> str | None:
     return str(value)
 
 
-def _prompt(path: Path, i: int, raw: dict[str, Any], vocab: int) -> Prompt:
+_PROMPT_KEYS = ("name", "tokens", "random", "text", "chat")
+
+
+def _prompt(path: Path, i: int, raw: dict[str, Any], vocab: int,
+            tokenizer: _CaseTokenizer) -> Prompt:
     where = f"{path}: prompts[{i}]"
-    if "name" not in raw:
+    if not isinstance(raw, dict) or "name" not in raw:
         raise InputError(f"{where}: missing key 'name'")
+    where = f"{where} ({raw['name']!r})"
+    unknown = sorted(set(raw) - set(_PROMPT_KEYS))
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {unknown}; expected {list(_PROMPT_KEYS)}")
+    given = [k for k in ("tokens", "random", "text") if k in raw]
+    if len(given) > 1:
+        raise InputError(f"{where}: give one of 'tokens', 'random' or 'text', not "
+                         f"{' and '.join(repr(k) for k in given)}")
+    chat = raw.get("chat", False)
+    if not isinstance(chat, bool) or (chat and "text" not in raw):
+        raise InputError(f"{where}: 'chat' must be true or false, and only with 'text'")
+    text = None
     if "tokens" in raw:
         tokens = [int(t) for t in raw["tokens"]]
     elif "random" in raw:
         spec = raw["random"]
         rng = np.random.default_rng(int(spec["seed"]))
         tokens = rng.integers(0, vocab, size=int(spec["length"])).tolist()
+    elif "text" in raw:
+        text = raw["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{where}: empty text prompt (expected text = \"...\")")
+        tokens = list(tokenizer.tokenize(text, chat, where))
     else:
-        raise InputError(f"{where}: needs 'tokens = [...]' or 'random = {{length, seed}}'")
+        raise InputError(f"{where}: needs 'tokens = [...]', 'random = {{length, seed}}' or "
+                         "'text = \"...\"'")
     if not tokens:
         raise InputError(f"{where}: empty prompt")
     bad = [t for t in tokens if not 0 <= t < vocab]
     if bad:
         raise InputError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
-    return Prompt(name=str(raw["name"]), tokens=tuple(tokens))
+    return Prompt(name=str(raw["name"]), tokens=tuple(tokens), text=text, chat=chat)
+
+
+class _CaseTokenizer:
+    """The tokenizer the case's checkpoint ships, written alone into a temporary folder (the
+    weights are not needed to tokenize) and read by the CLI's own code
+    (:func:`harness.cli.prompts.tokenize`), so a case's text prompt has exactly the ids
+    ``--prompt-text`` (or ``--chat``) gives on the materialised checkpoint."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+        self._dir: Any = None
+        self._tok: Any = None
+
+    def tokenize(self, text: str, chat: bool, where: str) -> tuple[int, ...]:
+        from harness.cli.prompts import Tokenization, tokenize
+
+        try:
+            if self._tok is None:
+                import tempfile
+
+                from references.tokenizer import write_checkpoint_tokenizer
+
+                self._dir = tempfile.TemporaryDirectory(prefix="case-tokenizer-")
+                write_checkpoint_tokenizer(Path(self._dir.name), self.vocab)
+                self._tok = Tokenization(Path(self._dir.name))
+            return tokenize(self._tok, {"text": text}, chat=chat, where=where,
+                            vocab_size=self.vocab)[1]
+        except InputError as e:
+            msg = str(e)
+            raise InputError(msg if msg.startswith(where) else
+                             f"{where}: the case's checkpoint has no usable tokenizer for a "
+                             f"text prompt ({msg})") from None
+
+    def close(self) -> None:
+        """Remove the temporary folder (if a text prompt made one)."""
+        if self._dir is not None:
+            self._dir.cleanup()
 
 
 def load_cases(names: list[str] | None = None, cases_dir: Path = CASES_DIR) -> list[Case]:

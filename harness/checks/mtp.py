@@ -10,7 +10,7 @@ both are re-exported here, the MTP check's public face.  The report section is d
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -216,6 +216,12 @@ class MtpRunner:
     draft_tolerance: Callable[[Target], float | None] = field(
         default_factory=lambda: default_draft_tolerance
     )
+    # candidate -> the rows its trunk gave at the reference's anchor points: the reference's
+    # teacher-forced trunk then starts every sublayer from them, so the head is judged on the
+    # candidate's own hidden state (a quantized port: harness.checks.quantized); None: unanchored
+    anchors: Callable[[Target], Mapping[str, Any] | None] = field(
+        default_factory=lambda: lambda target: None
+    )
     _models: dict[tuple[Target, Path], MtpModel] = field(default_factory=dict)
 
     def model(self, target: Target, checkpoint: Path) -> MtpModel:
@@ -333,7 +339,8 @@ class MtpRunner:
             if recorded:
                 return first_recorded_divergence(model, ref_model.captures,  # type: ignore
                                                  prompt.tokens, tol)
-            return first_mtp_divergence(model, ref_model, prompt.tokens, tol)  # type: ignore
+            return first_mtp_divergence(model, ref_model, prompt.tokens, tol,  # type: ignore
+                                        self.anchors(target))
         except (InputError, PortFailure) as e:
             self.findings.append(f"{target.label} MTP capture on {prompt.case}/{prompt.name}: {e}")
         except Exception as e:  # a port whose capture crashes is a finding, not a harness crash
@@ -345,16 +352,19 @@ class MtpRunner:
 
 
 def first_mtp_divergence(
-    model: MtpModel, reference: MtpModel, tokens: Sequence[int], nmse_tolerance: float
+    model: MtpModel, reference: MtpModel, tokens: Sequence[int], nmse_tolerance: float,
+    anchors: Mapping[str, Any] | None = None,
 ) -> str:
     """Where ``model``'s head first leaves the reference's, point by point, with ``tokens``
     teacher-forced through both: the first mtp_* (or trunk) point beyond the tolerance among
     those the candidate names, "none" when every one is within it, "" for fewer than two tokens.
-    Both models must have ``capture`` (their implementations declare ``mtp_captures``)."""
+    Both models must have ``capture`` (their implementations declare ``mtp_captures``).
+    ``anchors``: the candidate's trunk rows the reference's trunk starts each sublayer from."""
     if len(tokens) < 2:
         return ""
-    return first_recorded_divergence(model, reference.capture(tokens),  # type: ignore[attr-defined]
-                                     tokens, nmse_tolerance)
+    ref = (reference.capture(tokens) if not anchors  # type: ignore[attr-defined]
+           else reference.capture(tokens, anchors=anchors))  # type: ignore[attr-defined]
+    return first_recorded_divergence(model, ref, tokens, nmse_tolerance)
 
 
 def first_recorded_divergence(model: MtpModel, reference: Captures, tokens: Sequence[int],

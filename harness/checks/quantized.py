@@ -43,6 +43,21 @@ def _with(reference: Target, **options: str) -> Target:
     return Target(reference.backend, reference.dtype, tuple(sorted(extra.items())))
 
 
+def names_quantized_weights(candidate: Target) -> bool:
+    """Whether ``candidate``'s options name weights that may be quantized (a ``quant=``, a
+    user's ``gguf=``, an ``outtype`` other than f32, MLX ``bits=`` or ``model_dir=``), without
+    building or reading anything: what a test plan can know before a check runs."""
+    settings = candidate.settings
+    if candidate.backend == "llamacpp":
+        return (getattr(settings, "quant", None) is not None
+                or getattr(settings, "gguf", None) is not None
+                or (getattr(settings, "outtype", None) or "f32") != "f32")
+    if candidate.backend == "mlx":
+        return (getattr(settings, "bits", None) is not None
+                or getattr(settings, "model_dir", None) is not None)
+    return False
+
+
 def dequantized_reference(candidate: Target, checkpoint: Path, reference: Target
                           ) -> Target | None:
     """The reference on ``candidate``'s own weights, or None when the candidate's weights are
@@ -51,19 +66,14 @@ def dequantized_reference(candidate: Target, checkpoint: Path, reference: Target
     Builds (and caches) the candidate's quantized file if needed, as the candidate would."""
     if reference.backend != "torch":
         return None  # only our reference reads a GGUF or an MLX directory back
-    settings = candidate.settings
     if candidate.backend == "llamacpp":
         from harness.backends.llamacpp_backend import candidate_gguf
 
-        rounded = (getattr(settings, "quant", None) is not None
-                   or getattr(settings, "gguf", None) is not None
-                   or (getattr(settings, "outtype", None) or "f32") != "f32")
-        if not rounded:
+        if not names_quantized_weights(candidate):
             return None
         gguf = candidate_gguf(candidate, checkpoint)
         if gguf_type(gguf) in (None, "F32"):
             return None
-        _our_reference_reads(candidate, checkpoint)
         return _with(reference, weights_gguf=str(gguf), activations="ggml-cpu")
     if candidate.backend == "mlx":
         from harness.backends.mlx_backend import candidate_mlx_dir
@@ -71,24 +81,25 @@ def dequantized_reference(candidate: Target, checkpoint: Path, reference: Target
         folder = candidate_mlx_dir(candidate, checkpoint)
         if folder is None:
             return None
-        _our_reference_reads(candidate, checkpoint)
+        _ling26_reads_mlx(candidate, checkpoint)
         return _with(reference, weights_mlx=str(folder))
     return None
 
 
-def _our_reference_reads(candidate: Target, checkpoint: Path) -> None:
-    """Only our Ling-2.6 reference runs on a port's own weights; Ling 3.0's reference is
-    transformers' model.  Judging a quantized Ling 3.0 port against the original weights would
-    blame the port for its quantization, so its checks are skipped, saying why."""
+def _ling26_reads_mlx(candidate: Target, checkpoint: Path) -> None:
+    """Only our Ling-2.6 reference runs on an MLX model's own weights (Ling 3.0's, transformers'
+    model, runs on a GGUF's: :mod:`harness.backends.transformers_port_arithmetic`).  Judging a
+    quantized MLX Ling 3.0 port against the original weights would blame the port for its
+    quantization, so its checks are skipped, saying why."""
     from harness.backends.families import checkpoint_family
     from harness.core.errors import ArchitectureNotSupported
 
     family = checkpoint_family(checkpoint)
     if family not in (None, "ling26"):
         raise ArchitectureNotSupported(
-            f"{candidate.label}: no reference on a quantized port's own weights for {family} "
-            "yet (its reference is transformers' model, which reads no GGUF or MLX "
-            "quantization), so port correctness cannot be told from quantization error: not "
+            f"{candidate.label}: no reference on a quantized MLX model's own weights for "
+            f"{family} yet (mlx-lm's bailing_moe_v3 layout is not mapped back to the "
+            "checkpoint's), so port correctness cannot be told from quantization error: not "
             "judged")
 
 
@@ -101,19 +112,27 @@ def anchored_captures(model: Any, tokens: Sequence[int], candidate: Mapping[str,
     ``l_out``, ``ffn_inp`` and the norms that feed matmuls, which then round as the port's
     did); also the points the candidate does not give (what follows them takes the reference's
     own values)."""
+    anchors, missing = anchor_rows(model, len(tokens), candidate)
+    names = capture_points.all_points(model.n_layers)
+    return model.start(names, anchors=anchors).feed(list(tokens)), missing
+
+
+def anchor_rows(model: Any, n_tokens: int, candidate: Mapping[str, Any]
+                ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(the candidate's rows at every point ``model`` can anchor, the points it does not
+    give): what the reference's sublayers start from to be compared sublayer-local."""
     from references.model import ANCHOR_STEMS
 
-    n = model.n_layers
     anchors, missing = {}, []
-    points = [f"{stem}-{i}" for i in range(n) for stem in ANCHOR_STEMS] + ["result_norm"]
+    stems = getattr(model, "ANCHOR_STEMS", ANCHOR_STEMS)  # what this reference can anchor
+    points = [f"{stem}-{i}" for i in range(model.n_layers) for stem in stems] + ["result_norm"]
     for point in points:
         rows = candidate.get(point)
-        if rows is None or np.asarray(rows).shape[0] != len(tokens):
+        if rows is None or np.asarray(rows).shape[0] != n_tokens:
             missing.append(point)
         else:
             anchors[point] = np.asarray(rows, dtype=np.float64)
-    names = capture_points.all_points(n)
-    return model.start(names, anchors=anchors).feed(list(tokens)), missing
+    return anchors, missing
 
 
 def verdict_text(port: PairResult, loss: PairResult) -> str:

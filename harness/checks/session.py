@@ -316,6 +316,9 @@ class MtpCheck(Check):
         mtp = MtpRunner(steps=MTP_STEPS, reference=dequantized or reference,
                         draft_tolerance=lambda target: tolerance)
         mtp.model = lambda target, checkpoint: session.mtp_model(target, checkpoint)
+        if dequantized is not None:  # its head is judged on its own trunk's hidden state
+            anchors = self.trunk_anchors(session, subject, candidate, dequantized)
+            mtp.anchors = lambda target: anchors if target == candidate else None
         prompt = MtpPrompt(subject.name, subject.prompt, subject.tokens)
         recorded = (None if dequantized is not None
                     else session.recorded_mtp(reference, subject.checkpoint, subject.tokens))
@@ -345,6 +348,21 @@ class MtpCheck(Check):
             message += ("; a quantized port: its drafts are reported, its MTP head judged "
                         "teacher-forced")
         return self.result(subject, candidate, reference, ok, message, cand)
+
+    @staticmethod
+    def trunk_anchors(session: CheckSession, subject: Subject, candidate: Target,
+                      dequantized: Target) -> dict[str, Any]:
+        """The candidate's prefill rows at the points the reference's MTP trunk anchors:
+        teacher-forced, the reference's trunk then computes sublayer-local from them, and the
+        head reads (nearly) the candidate's hidden state instead of one a rounding flip in an
+        early layer has moved (harness.checks.quantized)."""
+        from harness.checks.quantized import anchor_rows
+
+        cand = session.captures(candidate, subject.checkpoint, subject.tokens, "prefill",
+                                subject.decode_steps)
+        ref = session.mtp_model(dequantized, subject.checkpoint)
+        trunk = getattr(ref, "trunk", None) or ref.model  # Ling 3.0's, or our Ling-2.6 model
+        return anchor_rows(trunk, len(subject.tokens), cand)[0]
 
 
 class SlopesCheck(Check):

@@ -71,26 +71,37 @@ def prompts_from_args(args: argparse.Namespace, checkpoint: Path,
     tok = Tokenization(checkpoint)
     prompts = []
     for name, item, where in raw:
-        if "messages" in item or chat:
-            messages = item.get("messages") or [{"role": "user", "content": item.get("text")}]
-            text, source = tok.chat(messages, where), "chat"
-        else:
-            text, source = item["text"], "text" if args.prompt_text is not None else "file"
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"{where}: empty text prompt")
-        ids = tok.encode(text, special=source != "chat")  # a template holds its own BOS
-        if not ids:
-            raise InputError(f"{where}: the tokenizer gave no tokens for {text[:40]!r}")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise InputError(f"{where}: the tokenizer gave ids {bad[:5]} outside the model's "
-                             f"vocabulary [0, {vocab_size}) (does {checkpoint / 'tokenizer.json'} "
-                             "belong to this checkpoint?)")
-        prompts.append(Prompt(name, tuple(ids), text=text, source=source))
+        text, ids, templated = tokenize(tok, item, chat=chat, where=where, vocab_size=vocab_size)
+        source = "chat" if templated else "text" if args.prompt_text is not None else "file"
+        prompts.append(Prompt(name, ids, text=text, source=source))
     names = [p.name for p in prompts]
     if len(set(names)) != len(names):
         raise InputError(f"{args.prompt_file}: prompt names repeat: {names}")
     return prompts
+
+
+def tokenize(tok: Tokenization, item: dict[str, Any], *, chat: bool, where: str,
+             vocab_size: int) -> tuple[str, tuple[int, ...], bool]:
+    """One text prompt (``{"text": ...}`` or ``{"messages": [...]}``) through the checkpoint's
+    tokenizer: (the text tokenized, its ids, whether the chat template made it).  The one path
+    for ``--prompt-text``, ``--prompt-file`` and a case file's text prompts; an empty text, no
+    tokens or ids outside ``[0, vocab_size)`` are refused naming ``where``."""
+    if "messages" in item or chat:
+        messages = item.get("messages") or [{"role": "user", "content": item.get("text")}]
+        text, templated = tok.chat(messages, where), True
+    else:
+        text, templated = item["text"], False
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{where}: empty text prompt")
+    ids = tok.encode(text, special=not templated)  # a template holds its own BOS
+    if not ids:
+        raise InputError(f"{where}: the tokenizer gave no tokens for {text[:40]!r}")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InputError(f"{where}: the tokenizer gave ids {bad[:5]} outside the model's "
+                         f"vocabulary [0, {vocab_size}) (does "
+                         f"{tok.checkpoint / 'tokenizer.json'} belong to this checkpoint?)")
+    return text, tuple(ids), templated
 
 
 def _read_prompt_file(path: Path) -> list[tuple[str, dict[str, Any], str]]:

@@ -254,6 +254,25 @@ class GgufWeights:
         finally:
             del mm
 
+    def declaration(self, name: str) -> tuple[Any, Any]:
+        """(kind, block_min) of HF tensor ``name`` whole, as
+        :func:`references.activation_rounding.declare` takes them (a tuple each for MLA's
+        ``kv_b_proj``, stored in two parts): for a model that declares on its own tensors
+        (transformers' Ling 3.0, :mod:`harness.backends.transformers_port_arithmetic`)."""
+        plan = self._plan(name)
+        types = self.gguf_types(name)
+        kinds = tuple(self.activation_kind(t) for t in types)
+
+        def minimum(type_name: str, gguf: str) -> torch.Tensor | None:
+            if type_name not in _MIN_BLOCK_BYTES:
+                return None
+            return torch.from_numpy(np.ascontiguousarray(self._block_min(gguf, plan.expert)))
+
+        mins = tuple(minimum(t, g) for t, g in zip(types, plan.gguf, strict=True))
+        if _rest(plan.hf) == KV_B:
+            return kinds, (mins if any(m is not None for m in mins) else None)
+        return kinds[0], mins[0]
+
     def activation_kind(self, type_name: str) -> str | None:
         """How ggml-cpu rounds the input of a matmul with a weight of this type."""
         if type_name not in GGML_CPU_ACTIVATIONS:

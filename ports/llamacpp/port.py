@@ -29,7 +29,7 @@ from harness.core.atomic import locked, staged_dir
 from harness.llamacpp import build
 from harness.llamacpp.identity import checkpoint_identity
 from harness.llamacpp.names import PortNames
-from references.tokenizer import byte_alphabet
+from references.tokenizer import byte_alphabet, is_tiny_tokenizer
 
 PATCH_DIR = Path(__file__).resolve().parent / "patches"
 ARCH = "bailing_hybrid"
@@ -219,12 +219,15 @@ def stage_checkpoint(checkpoint: Path, dest: Path) -> Path:
         cfg = json.loads((checkpoint / "config.json").read_text())
         write_tiny_tokenizer(dest, int(cfg["vocab_size"]))
         (dest / _STAGED_MARK).write_text("tokenizer written by ports.llamacpp.port\n")
+    elif is_tiny_tokenizer(checkpoint):  # a synthetic case ships the harness's tiny tokenizer
+        (dest / _STAGED_MARK).write_text("the checkpoint's tokenizer is the harness's tiny one\n")
     return dest
 
 
 # Runs inside a fresh interpreter: the patched tree first on sys.path, then the converter's main.
-# A staged tiny tokenizer has no known pre-tokenizer hash, so "default" is named for it (only
-# when the staging marker is present: a real checkpoint goes through the converter unchanged).
+# A staged tiny tokenizer (or the harness's own, which synthetic checkpoints ship) has no known
+# pre-tokenizer hash, so "default" is named for it (only when the staging marker is present: a
+# real checkpoint goes through the converter unchanged).
 _DRIVER = r"""
 import sys
 from pathlib import Path

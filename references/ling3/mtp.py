@@ -22,23 +22,23 @@ trunk's dtype.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from harness.core.errors import InputError
+from references.activation_rounding import declared
 from references.checkpoint_io import read_tensors, weight_files
 from references.ling3.config import Ling3Config, load_config
-from references.mla import MLACache, MLADims, MLAWeights, mla_forward
+from references.mla import MLACache, MLADims, MlaImpl, MLAWeights, mla_forward
 from references.model import Block, MTPHead
 from references.moe import MoEWeights, RouterConfig, SwiGLUWeights, moe_forward
 from references.mtp_session import DraftingSession, truncate_mla_cache
-from references.ops import accumulation_dtype, rms_norm
+from references.ops import accumulation_dtype, linear, rms_norm
 from references.variant import CORRECT, Variant, mutations
 
 MTP_VARIANT_KEY = "variant"  # torch option naming an MTP mutation, e.g. variant=mtp_wrong_token
@@ -82,9 +82,13 @@ def mtp_tensor_shapes(cfg: Ling3Config) -> dict[str, tuple[int, ...]]:
 
 
 def read_mtp_weights(
-    checkpoint_dir: Path, cfg: Ling3Config, dtype: torch.dtype, device: str = "cpu"
+    checkpoint_dir: Path, cfg: Ling3Config, dtype: torch.dtype, device: str = "cpu",
+    declare: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> MTPHead:
-    """Read and check ``model.layers.{L}.*``; a missing or ill-shaped tensor names file and name."""
+    """Read and check ``model.layers.{L}.*``; a missing or ill-shaped tensor names file and name.
+
+    ``declare(name, tensor)``: marks how a port rounds the input of each weight
+    (:mod:`references.activation_rounding`), for a head run on a quantized port's weights."""
     checkpoint_dir = Path(checkpoint_dir)
     if not cfg.num_nextn_predict_layers:
         raise InputError(
@@ -104,7 +108,8 @@ def read_mtp_weights(
     acc = accumulation_dtype(dtype)
 
     def get(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
-        return torch.from_numpy(arrays[name]).to(device=device, dtype=as_dtype)
+        t = torch.from_numpy(arrays[name]).to(device=device, dtype=as_dtype)
+        return t if declare is None else declare(name, t)
 
     def swiglu(prefix: str) -> SwiGLUWeights:
         return SwiGLUWeights(
@@ -179,6 +184,9 @@ class Ling3MtpHead:
         moe = weights.block.ffn
         assert isinstance(moe, MoEWeights) and isinstance(weights.block.attention, MLAWeights)
         self.attention: MLAWeights = weights.block.attention
+        # On a port's weights that declare its rounding, MLA attends as the port does: absorbed.
+        self.mla_impl: MlaImpl = ("naive" if declared(self.attention.kv_b_proj) is None
+                                  else "absorbed")
         # A port whose MTP router ignores expert_bias (the known Ling-2.6 fork's mistake).
         self.moe = moe if variant.mtp_router_bias else replace(moe, expert_bias=None)
 
@@ -199,10 +207,11 @@ class Ling3MtpHead:
         hn = rms_norm(hidden, w.hnorm, eps)
         rec["mtp_hnorm"] = hn
         pair = (e, hn) if v.mtp_concat == "embed_first" else (hn, e)
-        u = F.linear(torch.cat(pair, dim=-1), w.eh_proj)
+        u = linear(torch.cat(pair, dim=-1), w.eh_proj)
         rec["mtp_eh_proj"] = u
         block = w.block
-        attn, _ = mla_forward(rms_norm(u, block.input_norm, eps), self.attention, self.dims, cache)
+        attn, _ = mla_forward(rms_norm(u, block.input_norm, eps), self.attention, self.dims, cache,
+                              impl=self.mla_impl)
         rec["mtp_attn_out"] = attn
         h = u + attn
         rec["mtp_ffn_inp"] = h
@@ -215,7 +224,7 @@ class Ling3MtpHead:
         final = w.final_norm if v.mtp_final_norm == "mtp_final_layernorm" else self.trunk_norm
         normed = rms_norm(y, final, eps)
         rec["mtp_result_norm"] = normed
-        logits = F.linear(normed, self.lm_head)
+        logits = linear(normed, self.lm_head)
         rec["mtp_result_output"] = logits
         return y, logits
 
@@ -233,13 +242,15 @@ class Ling3ReferenceMtpModel:
         return Ling3MtpSession(self)
 
     @torch.no_grad()
-    def capture(self, tokens: Sequence[int]) -> dict[str, np.ndarray]:
+    def capture(self, tokens: Sequence[int],
+                anchors: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Teacher forcing: the trunk on ``tokens``, then the head's rows for positions 0..T-2
-        (the next token is known there), every mtp_* point plus the trunk's logits."""
+        (the next token is known there), every mtp_* point plus the trunk's logits.
+        ``anchors``: a port's trunk rows each sublayer starts from, as in a prefill."""
         tokens = [int(t) for t in tokens]
         if len(tokens) < 2:
             raise InputError("MTP capture needs at least two tokens")
-        session = self.start()
+        session = Ling3MtpSession(self, anchors)
         logits = session.feed(tokens)
         assert session._pending is not None
         stop = len(tokens) - 1
@@ -254,13 +265,15 @@ class Ling3ReferenceMtpModel:
 class Ling3MtpSession(DraftingSession):
     """One sequence: transformers' cache for the trunk, an MLA cache for the head."""
 
-    def __init__(self, model: Ling3ReferenceMtpModel) -> None:
+    def __init__(self, model: Ling3ReferenceMtpModel,
+                 anchors: Mapping[str, np.ndarray] | None = None) -> None:
         super().__init__()
         self._model = model
         self.token_shift = model.head.variant.mtp_token_shift
         self._last = f"l_out-{model.trunk.n_layers - 1}"
         wanted = ["result_norm"] if model.head.variant.mtp_hidden == "post_norm" else [self._last]
-        self._trunk_session = model.trunk.start(wanted)
+        self._trunk_session = (model.trunk.start(wanted) if not anchors
+                               else model.trunk.start(wanted, anchors=anchors))
         self._mtp_cache = MLACache()
 
     def _trunk(self, tokens: list[int]) -> tuple[np.ndarray, torch.Tensor]:
@@ -329,12 +342,16 @@ def load_ling3_mtp(
     trunk = load_trunk(checkpoint_dir, replace(options, extra=extra))
     hf = trunk.model
     embed = hf.model.embed_tokens.weight.detach()
-    weights = read_mtp_weights(checkpoint_dir, cfg, embed.dtype, str(embed.device))
+    # a trunk on a port's weights: the head reads them too, and rounds where the port does
+    port = getattr(trunk, "port_weights", None)
+    weights = read_mtp_weights(getattr(trunk, "weights_dir", None) or checkpoint_dir, cfg,
+                               embed.dtype, str(embed.device),
+                               None if port is None else port.declare)
     head = Ling3MtpHead(
         cfg,
         weights,
         embed=embed,
-        lm_head=hf.lm_head.weight.detach(),
+        lm_head=hf.lm_head.weight,  # keeps what it declares (a port's rounding)
         trunk_norm=hf.model.norm.weight.detach(),
         variant=variant,
     )

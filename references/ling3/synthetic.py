@@ -5,7 +5,9 @@ The weights come from transformers' own ``BailingHybridForCausalLM`` (so its mod
 transformers initialises every norm weight to 1 and the router's expert bias to 0; those are
 perturbed (norms 1 + 0.1*N(0,1), biases 0.1*N(0,1)) so a port that drops one is caught.  Then
 :mod:`references.ling3.normalize` turns the directory into the upstream layout that transformers,
-mlx-lm and llama.cpp's converter all read.
+mlx-lm and llama.cpp's converter all read.  The harness's tiny tokenizer of the config's
+vocabulary, with a chat template, goes beside the weights
+(:func:`references.tokenizer.write_checkpoint_tokenizer`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from references.ling3.config import Ling3Config, config_from_dict
 from references.ling3.mtp import mtp_tensor_shapes
 from references.ling3.normalize import normalise_config, normalise_tensors
 from references.synthetic import SHAPING_KEY, Shaping
+from references.tokenizer import write_checkpoint_tokenizer
 
 # transformers' names of the trunk's residual-branch output projections (KDA/MLA o_proj, dense
 # MLP and shared-expert down_proj, the stacked experts' down_proj)
@@ -78,7 +81,8 @@ def build_model(config_json: dict[str, Any], seed: int, shaping: Shaping | None 
 
 
 def write_synthetic_checkpoint(config_json: dict[str, Any], seed: int, out_dir: Path) -> None:
-    """Write a normalised Ling 3.0 checkpoint (>= 2 shards, index, MTP shard) into ``out_dir``."""
+    """Write a normalised Ling 3.0 checkpoint (>= 2 shards, index, MTP shard, tokenizer) into
+    ``out_dir``."""
     out_dir = Path(out_dir)
     shaping = Shaping.from_dict(
         config_json.get(SHAPING_KEY), f"{out_dir / 'config.json'}: {SHAPING_KEY}"
@@ -99,6 +103,7 @@ def write_synthetic_checkpoint(config_json: dict[str, Any], seed: int, out_dir: 
     normalise_tensors(out_dir, cfg)
     if cfg.num_nextn_predict_layers:
         _write_mtp_layer(out_dir, cfg, seed, shaping)
+    write_checkpoint_tokenizer(out_dir, cfg.vocab_size)
 
 
 def _ensure_index(out_dir: Path) -> None:
