@@ -6,7 +6,8 @@ rounds where ggml-cpu rounds, with MLA absorbed as the port's graph computes it
 (harness/backends/transformers_port_arithmetic.py).  Each claim could have failed: without the
 rounding the right port fails in layer 0, a port reading the KDA gate's bound wrong fails at
 layer 0's KDA output, and a reference head that concatenates in the wrong order fails the MTP
-check at an mtp_* point.
+check at an mtp_* point.  A quantized MLX Ling 3.0 port (mlx-lm's ``bailing_moe_v3``) is judged
+the same way on its directory's weights: tests/test_mlx_quantized_ling3.py.
 """
 
 from __future__ import annotations
@@ -149,10 +150,3 @@ def test_a_gguf_missing_a_checkpoint_tensor_is_an_input_error_naming_it(tmp_path
     Partial.path.write_bytes(b"x")
     with pytest.raises(InputError, match=r"partial\.gguf: holds no tensor for lm_head\.weight"):
         dequantized_checkpoint(Partial(), materialize(LING3), Partial.path)
-
-
-def test_a_quantized_mlx_ling3_model_is_not_judged_and_says_why():
-    session, result = judge(LING3, "mlx:bits=4")
-    assert result.status.value == "skipped"
-    assert "cannot be told from quantization error" in result.message
-    assert not session.results

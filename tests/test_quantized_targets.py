@@ -63,14 +63,35 @@ def test_quant_with_a_non_float32_dtype_is_refused_naming_both() -> None:
         parse_options(Target.parse("llamacpp-bfloat16:quant=Q8_0").options())
 
 
-def test_the_dequantized_reference_is_refused_on_ling3_saying_why() -> None:
-    options = Target.parse("torch-float64:weights_gguf=/some/model.gguf").options()
-    with pytest.raises(InputError, match=r"weights_gguf=/some/model\.gguf needs our Ling-2\.6 "
-                                         r"reference.*ling3.*transformers"):
-        implementation("torch", "ling3").typed(options)
+def test_on_ling3_the_dequantized_reference_is_transformers_on_a_gguf_or_an_mlx_directory(
+) -> None:
+    ling3 = implementation("torch", "ling3")
+    gguf = ling3.typed(Target.parse("torch-float64:weights_gguf=/some/model.gguf:"
+                                    "activations=ggml-cpu").options())
+    assert type(gguf.settings).__name__ == "TransformersOptions"
+    assert str(gguf.settings.weights_gguf) == "/some/model.gguf"
+    assert gguf.settings.activations == "ggml-cpu"
+    mlx = ling3.typed(Target.parse("torch-float64:weights_mlx=/some/mlx-dir").options())
+    assert type(mlx.settings).__name__ == "TransformersOptions"
+    assert str(mlx.settings.weights_mlx) == "/some/mlx-dir"
+    assert mlx.settings.activations is None  # mlx's quantized matmul keeps float32 activations
     # without the option the alias still hands over to transformers
     plain = implementation("torch", "ling3").typed(Target.parse("torch-float64").options())
     assert type(plain.settings).__name__ == "TransformersOptions"
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    ("transformers-float64:weights_mlx=/d:activations=ggml-cpu",
+     r"activations=ggml-cpu .* needs weights_gguf=<file> \(mlx's quantized matmul rounds no "
+     r"activation\)"),
+    ("transformers-float64:weights_mlx=/d:weights_gguf=/m.gguf",
+     r"weights_gguf=/m\.gguf and weights_mlx=/d conflict"),
+])
+def test_transformers_refuses_ggml_rounding_or_a_gguf_with_an_mlx_directory(
+    spec: str, match: str
+) -> None:
+    with pytest.raises(InputError, match=match):
+        Target.parse(spec)
 
 
 # ---- labels (fast) ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from harness.checks import session as session_mod
+from harness.checks.cases import CASES_DIR, load_case
 from harness.checks.session import CHECKS, Check, CheckResult, parse_modes
 from harness.cli.main import main
 from harness.core.errors import InputError
@@ -22,6 +23,8 @@ from harness.core.verdict import Status
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_MODES = ",".join(CHECKS)
+# flash-mini's prompts in order (short, random-96 and a text prompt through its tokenizer)
+FLASH_PROMPTS = [p.name for p in load_case(CASES_DIR / "flash-mini.toml").prompts]
 # The run's own tables and summary keys both front ends write (the CLI adds what it ran on).
 TABLES = ("parity.parquet", "verdicts.parquet", "mtp.parquet")
 SUMMARY_KEYS = ("passed", "exit_code", "verdict", "checks", "pairs", "findings")
@@ -73,7 +76,7 @@ def test_the_cli_and_the_pytest_suite_give_identical_results_on_one_case(tmp_pat
     ran = {(c["prompt"], c["check"]) for c in summary["checks"]}
     # per prompt: prefill, decode, greedy; per case (its first prompt): mtp, slopes
     assert {m for _, m in ran} == set(CHECKS)
-    assert len(ran) == 2 * 3 + 2
+    assert len(ran) == len(FLASH_PROMPTS) * 3 + 2
     assert all(c["status"] == "passed" for c in summary["checks"])
 
 
@@ -87,7 +90,7 @@ def test_a_wrong_candidate_fails_the_same_checks_in_both_front_ends(tmp_path):
     summary = assert_same_run(cli, suite)
     assert code_cli == code_py == 1 and summary["passed"] is False
     status = {(c["prompt"], c["check"]): c["status"] for c in summary["checks"]}
-    assert status == {("random-96", "prefill"): "failed", ("short", "prefill"): "failed",
+    assert status == {**{(p, "prefill"): "failed" for p in FLASH_PROMPTS},
                       ("short", "slopes"): "failed"}
     verdicts = pd.read_parquet(cli / "verdicts.parquet")
     slopes = verdicts[verdicts["check"] == "slopes"]["detail"].iloc[0]
@@ -121,10 +124,10 @@ def test_a_check_registered_in_checks_is_run_by_the_cli(tmp_path, monkeypatch, c
     code = main(["parity", "--cases", "flash-mini", "--backends", "mlx", "--modes", "probe",
                  "--out", str(out)])
     assert code == 0, capsys.readouterr()
-    assert seen == [("short", "mlx-float32"), ("random-96", "mlx-float32")]
+    assert seen == [(p, "mlx-float32") for p in FLASH_PROMPTS]
     checks = json.loads((out / "summary.json").read_text())["checks"]
     assert [(c["check"], c["status"], c["detail"]) for c in checks] == [
-        ("probe", "passed", "probe: fine")] * 2
+        ("probe", "passed", "probe: fine")] * len(FLASH_PROMPTS)
 
 
 def test_a_check_that_raises_a_port_failure_is_an_error_not_a_crash(tmp_path, monkeypatch):

@@ -49,15 +49,6 @@ class TorchOptions:
             raise ValueError("activations=ggml-cpu rounds activations by each GGUF tensor's "
                              "type: it needs weights_gguf=<file>")
 
-    def refuse_family(self, family: str) -> None:
-        """Called when ``torch`` is handed to another family's implementation (an alias): what
-        only our Ling-2.6 reference can do is refused there, saying why."""
-        if self.weights_mlx is not None and family != "ling26":
-            raise InputError(
-                f"torch: option weights_mlx={self.weights_mlx} needs our Ling-2.6 reference; "
-                f"on a {family} checkpoint the reference is transformers' model, which reads "
-                "no MLX model directory (not supported yet)")
-
 
 def torch_options(options: BackendOptions) -> TorchOptions:
     """The typed options a target parsed, or ``options.extra`` parsed now (direct callers)."""

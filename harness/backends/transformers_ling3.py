@@ -53,14 +53,23 @@ class TransformersOptions:
     # a GGUF whose dequantized weights replace the checkpoint's (a quantized port's own weights,
     # written back as a checkpoint folder: harness.quant.dequantized_checkpoint)
     weights_gguf: Path | None = None
+    # an MLX model directory (mlx-lm's bailing_moe_v3) whose dequantized weights replace the
+    # checkpoint's (harness.quant.mlx_weights, written back the same way); mlx's quantized matmul
+    # keeps float32 activations, so none are rounded
+    weights_mlx: Path | None = None
     # how activations reach each projection: exactly, or rounded as the port's matmul rounds them
     # (ggml-cpu; MLA then attends absorbed: harness.backends.transformers_port_arithmetic)
     activations: Literal["exact", "ggml-cpu"] | None = None
 
     def __post_init__(self) -> None:
+        if self.weights_gguf is not None and self.weights_mlx is not None:
+            raise ValueError(f"weights_gguf={self.weights_gguf} and weights_mlx="
+                             f"{self.weights_mlx} conflict: the reference runs one set of weights")
         if self.activations == "ggml-cpu" and self.weights_gguf is None:
             raise ValueError("activations=ggml-cpu rounds activations by each GGUF tensor's "
-                             "type: it needs weights_gguf=<file>")
+                             "type: it needs weights_gguf=<file>"
+                             + (" (mlx's quantized matmul rounds no activation)"
+                                if self.weights_mlx is not None else ""))
 
 
 def transformers_options(options: BackendOptions) -> TransformersOptions:
@@ -123,6 +132,8 @@ def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLin
     weights = None
     if opts.weights_gguf is not None:
         weights, checkpoint_dir = _port_weights(checkpoint_dir, opts)
+    elif opts.weights_mlx is not None:
+        weights, checkpoint_dir = _mlx_weights(checkpoint_dir, opts.weights_mlx)
     dtype = getattr(torch, options.dtype)
     experts = opts.experts_implementation or ("eager" if options.dtype == "float64" else None)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": opts.attn_implementation
@@ -143,12 +154,16 @@ def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLin
         from harness.backends.transformers_port_arithmetic import install
 
         loaded.port_weights = install(model, weights)
-    if weights is not None:
+    if opts.weights_gguf is not None:
         loaded.findings = [
             f"reference weights dequantized from {opts.weights_gguf} (written back as the "
             f"checkpoint folder {checkpoint_dir}), not read from the checkpoint's safetensors"
             + ("; activations rounded as ggml-cpu's matmuls round them, MLA absorbed"
                if opts.activations == "ggml-cpu" else "")]
+    elif weights is not None:  # MlxWeights: what it dequantized, what it read from elsewhere
+        loaded.findings = [f"{weights.findings[0]}; written back as the checkpoint folder "
+                           f"{checkpoint_dir}; activations exact (mlx's quantized matmul keeps "
+                           "them in float32)", *weights.findings[1:]]
     return loaded
 
 
@@ -163,6 +178,21 @@ def _port_weights(checkpoint_dir: Path, opts: TransformersOptions) -> tuple[Any,
         raise InputError(f"{WHERE}: weights_gguf={gguf}: file not found")
     weights = GgufWeights(gguf, read_config_json(checkpoint_dir / "config.json"))
     return weights, dequantized_checkpoint(weights, checkpoint_dir, gguf)
+
+
+def _mlx_weights(checkpoint_dir: Path, model_dir: Path) -> tuple[Any, Path]:
+    """(the MLX directory as weights, the checkpoint folder written from them) for
+    ``weights_mlx``: cached by the directory's first weight file (every conversion rewrites all
+    of them)."""
+    from harness.quant.dequantized_checkpoint import dequantized_checkpoint
+    from harness.quant.mlx_weights import MlxWeights
+
+    model_dir = Path(model_dir).expanduser()
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"{WHERE}: weights_mlx={model_dir}: no config.json there (an MLX model "
+                         "directory was expected)")
+    weights = MlxWeights(model_dir, checkpoint_dir)
+    return weights, dequantized_checkpoint(weights, checkpoint_dir, weights.files[0])
 
 
 class _Recorder(Recorder):

@@ -55,7 +55,9 @@ def checkpoint_names(module_path: str) -> list[str]:
             out.append(module_path.replace(ours, theirs) + ".weight")
     if ".self_attn.o_proj" in module_path:
         out.append(module_path.replace(".self_attn.", ".attention.") + ".weight")
-    return out or [f"{module_path}.weight"]
+    if module_path == "lm_head":  # tied: the port multiplies by its token embedding
+        out += ["lm_head.weight", "model.word_embeddings.weight"]
+    return list(dict.fromkeys(out)) or [f"{module_path}.weight"]
 
 
 @dataclass

@@ -6,7 +6,8 @@ the difference is quantization or a bug.  So a quantized candidate is compared t
 
 - **port correctness**: the candidate against the *dequantized reference*, the float64
   reference run on the candidate's own weights (the GGUF's tensors dequantized exactly,
-  :class:`harness.quant.gguf_weights.GgufWeights`; an MLX directory's with ``mx.dequantize``),
+  :class:`harness.quant.gguf_weights.GgufWeights`; an MLX directory's with ``mx.dequantize``,
+  :class:`harness.quant.mlx_weights.MlxWeights`, for Ling-2.6 and Ling 3.0 alike),
   with activations rounded where the port's matmul rounds them (ggml-cpu's q8_0/q8_1/q8_K
   input blocks: :mod:`references.activation_rounding`), and *layer-local*: each layer of the
   reference takes the candidate's own input to that layer (its ``l_out`` of the layer below,
@@ -81,29 +82,21 @@ def dequantized_reference(candidate: Target, checkpoint: Path, reference: Target
         folder = candidate_mlx_dir(candidate, checkpoint)
         if folder is None:
             return None
-        _ling26_reads_mlx(candidate, checkpoint)
-        return _with(reference, weights_mlx=str(folder))
+        return _with(reference, weights_mlx=str(folder))  # Ling 3.0: transformers reads it too
     return None
 
 
-def _ling26_reads_mlx(candidate: Target, checkpoint: Path) -> None:
-    """Only our Ling-2.6 reference runs on an MLX model's own weights (Ling 3.0's, transformers'
-    model, runs on a GGUF's: :mod:`harness.backends.transformers_port_arithmetic`).  Judging a
-    quantized MLX Ling 3.0 port against the original weights would blame the port for its
-    quantization, so its checks are skipped, saying why."""
-    from harness.backends.families import checkpoint_family
-    from harness.core.errors import ArchitectureNotSupported
-
-    family = checkpoint_family(checkpoint)
-    if family not in (None, "ling26"):
-        raise ArchitectureNotSupported(
-            f"{candidate.label}: no reference on a quantized MLX model's own weights for "
-            f"{family} yet (mlx-lm's bailing_moe_v3 layout is not mapped back to the "
-            "checkpoint's), so port correctness cannot be told from quantization error: not "
-            "judged")
-
-
 LAYER_LOCAL = "layer-local"
+
+
+def port_tolerance(dequantized: Target, candidate: Target) -> str:
+    """The tolerance a quantized port's own arithmetic is held to: ``quantized`` where its
+    matmuls round activations (ggml: the rare activation a float32 ulp puts on the other side
+    of a rounding step), the candidate's dtype where they keep float activations (mlx's
+    quantized matmul: then only float32 arithmetic separates it from the reference on its
+    weights, and a float32 tolerance catches what 1e-4 would let through)."""
+    rounds = dict(dequantized.extra).get("activations") == "ggml-cpu"
+    return "quantized" if rounds else candidate.dtype
 
 
 def anchored_captures(model: Any, tokens: Sequence[int], candidate: Mapping[str, Any]

@@ -206,6 +206,7 @@ class PairCheck(Check):
             INFORMATIONAL,
             LAYER_LOCAL,
             anchored_captures,
+            port_tolerance,
             verdict_text,
         )
 
@@ -220,7 +221,8 @@ class PairCheck(Check):
         lifecycle.stage("comparing")
         port = compare_pair(subject.name, subject.prompt, candidate.label,
                             f"{dequantized.label},{LAYER_LOCAL}", cand, local,
-                            subject.tolerance("quantized"), mode=self.mode)
+                            subject.tolerance(port_tolerance(dequantized, candidate)),
+                            mode=self.mode)
         session.results.append(port)
         loss = next((r for r in session.results
                      if (r.case, r.prompt, r.candidate, r.reference, r.mode)
@@ -312,7 +314,9 @@ class MtpCheck(Check):
         tolerance = subject.tolerance(candidate.dtype).nmse
         dequantized = self.dequantized(subject, candidate, reference)
         if dequantized is not None:  # a quantized port drafts as the reference on its weights
-            tolerance = subject.tolerance("quantized").nmse
+            from harness.checks.quantized import port_tolerance
+
+            tolerance = subject.tolerance(port_tolerance(dequantized, candidate)).nmse
         mtp = MtpRunner(steps=MTP_STEPS, reference=dequantized or reference,
                         draft_tolerance=lambda target: tolerance)
         mtp.model = lambda target, checkpoint: session.mtp_model(target, checkpoint)

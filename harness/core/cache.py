@@ -6,10 +6,13 @@ overrides it; otherwise ``$XDG_CACHE_HOME/bailing-parity`` (``~/.cache/bailing-p
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["ENV", "root"]
+__all__ = ["EDGE_BYTES", "ENV", "file_key", "root"]
+
+EDGE_BYTES = 2**20  # bytes hashed at each end of a file for its content key
 
 ENV = "BAILING_PARITY_CACHE"
 
@@ -21,3 +24,15 @@ def root() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg).expanduser() / "bailing-parity"
+
+
+def file_key(path: Path, *salt: str) -> str:
+    """A content key for a large file without reading it all: its size, mtime, first and last
+    MiB, and ``salt`` (what is derived from it: a quant type, a tool version ...)."""
+    st = path.stat()
+    h = hashlib.sha256("\0".join((str(st.st_size), str(st.st_mtime_ns), *salt)).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(EDGE_BYTES))
+        fh.seek(max(0, st.st_size - EDGE_BYTES))
+        h.update(fh.read(EDGE_BYTES))
+    return h.hexdigest()[:20]

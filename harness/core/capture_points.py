@@ -52,9 +52,11 @@ LAYER_POINTS: tuple[PointSpec, ...] = (
     PointSpec(
         "gla_out",
         Kind.DENSE,
-        "GLA: recurrence output before GroupRMSNorm [T, H*D]",
-        "GLA recurrence output differs: check the decay slopes (layer factor l/(L-1) vs "
-        "(l-1)/(L-1)), the GLA rope mode (half-split, partial) and q/k norms",
+        "GLA (Ling 3.0: KDA): recurrence output before GroupRMSNorm (KDA: o_norm) [T, H*D]",
+        "linear-attention recurrence output differs: Ling-2.6's GLA: check the decay slopes "
+        "(layer factor l/(L-1) vs (l-1)/(L-1)), the GLA rope mode (half-split, partial) and "
+        "q/k norms; Ling 3.0's KDA: check the forget gate (A_log, dt_bias, the safe gate's "
+        "lower bound), the short convolution, the q/k L2 norm and the delta rule's beta",
     ),
     PointSpec(
         "g_gate",
@@ -68,8 +70,10 @@ LAYER_POINTS: tuple[PointSpec, ...] = (
         Kind.DENSE,
         "attention output after the dense projection [T, hidden]",
         "attention output differs: in an MLA layer check MLA rope (interleaved pairs), the "
-        "q/kv LoRA norms and the 192^-0.5 scale; in a GLA layer check GroupRMSNorm groups "
-        "(groups vs channels per group), the sigmoid gate and the dense projection",
+        "q/kv LoRA norms and the (qk_nope + qk_rope)^-0.5 scale (192^-0.5 in Ling-2.6-flash; "
+        "Ling 3.0 also gates each head by sigmoid(g_proj)); in a GLA layer check GroupRMSNorm "
+        "groups (groups vs channels per group), the sigmoid gate and the dense projection; in "
+        "a KDA layer the gated o_norm, the forget gate and the short convolution",
     ),
     PointSpec(
         "ffn_inp",

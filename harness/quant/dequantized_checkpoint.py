@@ -17,7 +17,6 @@ checkpoint's path (a re-quantized file gets a new folder) and written atomically
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -30,7 +29,6 @@ from harness.core.atomic import locked, staged_dir
 from harness.core.errors import InputError
 
 SHARD_BYTES = 2 << 30
-EDGE_BYTES = 1 << 20
 VERSION = "dequantized-checkpoint-v1"
 INDEX = "model.safetensors.index.json"
 
@@ -45,14 +43,7 @@ class Readable(Protocol):
 
 def content_key(port_file: Path, checkpoint: Path) -> str:
     """The port file's size, mtime and first and last MiB, and the checkpoint's path."""
-    st = port_file.stat()
-    h = hashlib.sha256(f"{VERSION}\0{checkpoint.resolve()}\0{st.st_size}\0"
-                       f"{st.st_mtime_ns}\0".encode())
-    with port_file.open("rb") as fh:
-        h.update(fh.read(EDGE_BYTES))
-        fh.seek(max(0, st.st_size - EDGE_BYTES))
-        h.update(fh.read(EDGE_BYTES))
-    return h.hexdigest()[:20]
+    return cache.file_key(port_file, VERSION, str(checkpoint.resolve()))
 
 
 def cache_dir() -> Path:

@@ -16,7 +16,6 @@ asking for the same quantization run the quantizer once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import subprocess
 import sys
@@ -26,11 +25,11 @@ from pathlib import Path
 
 from harness.core import lifecycle
 from harness.core.atomic import locked
+from harness.core.cache import file_key
 from harness.core.errors import InputError, PortFailure
 from harness.llamacpp import build
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-EDGE_BYTES = 2**20  # bytes hashed at each end of the source file for the cache key
 DEFAULT_TIMEOUT = 3600.0
 LOG_TAIL_LINES = 20
 _EXIT_UNKNOWN_TYPE = 3  # the child's llama_cpp lacks the requested LLAMA_FTYPE_* constant
@@ -103,16 +102,9 @@ def _site_version(site: Path | None) -> str:
 
 
 def cache_key(src: Path, qtype: str, site: Path | None) -> str:
-    """Content key: the source's size, mtime and sha256 of its first and last MiB, the type
-    and the llama-cpp-python version (with the site's build key) that quantizes."""
-    st = src.stat()
-    h = hashlib.sha256()
-    h.update(f"{st.st_size}\0{st.st_mtime_ns}\0{qtype}\0{_site_version(site)}\0".encode())
-    with src.open("rb") as fh:
-        h.update(fh.read(EDGE_BYTES))
-        fh.seek(max(0, st.st_size - EDGE_BYTES))
-        h.update(fh.read(EDGE_BYTES))
-    return h.hexdigest()[:20]
+    """Content key: the source's size, mtime and first and last MiB (harness.core.cache), the
+    type and the llama-cpp-python version (with the site's build key) that quantizes."""
+    return file_key(src, qtype, _site_version(site))
 
 
 def cache_dir() -> Path:

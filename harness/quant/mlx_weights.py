@@ -14,6 +14,17 @@ biases are cast to float32 at load, then ``scale * q + bias``), and undoes mlx-l
   ``kv_b_proj`` ``[H*(nope+v), kv_lora]`` (sanitize split it per head, ``embed_q`` transposed);
 - every other name is the checkpoint's.
 
+A Ling 3.0 checkpoint's directory is ``bailing_moe_v3``'s (``mlx_lm/models/bailing_moe_v3.py``,
+dispatched on the checkpoint's family): the same expert stacking and MLA split (its router
+``mlp.gate.weight`` keeps its name), plus
+
+- ``*_conv1d.weight`` ``[C, K, 1]`` -> ``[C, 1, K]`` (sanitize moved the kernel axis for
+  ``nn.Conv1d``);
+- with ``tie_word_embeddings``, ``lm_head.weight`` -> ``model.word_embeddings.weight`` (sanitize
+  dropped the head; the port multiplies by the embeddings);
+
+and every tensor of the checkpoint's safetensors is expected, with the shape its header gives.
+
 mlx-lm drops the MTP layers (``model.layers.{n >= num_hidden_layers}``); those tensors are read
 from the checkpoint's safetensors unchanged, and :attr:`MlxWeights.findings` says so.  Nothing is
 cached: one tensor (or row range) is read per call through a fresh ``safe_open``.
@@ -37,6 +48,8 @@ from harness.quant.tensors import finite_tensor
 _SWITCH = re.compile(r"^(model\.layers\.\d+\.mlp)\.switch_mlp\.(\w+)\.(weight|bias)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 EMBED_Q, UNEMBED_OUT = "attention.embed_q.weight", "attention.unembed_out.weight"
+CONV1D = "_conv1d.weight"  # bailing_moe_v3's KDA short convolutions
+LM_HEAD, EMBEDDINGS = "lm_head.weight", "model.word_embeddings.weight"
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,7 @@ class Plan:
     hf: str
     keys: tuple[str, ...]  # MLX names (two for kv_b_proj)
     expert: int | None = None
-    kind: str = "direct"  # direct | kv_b | checkpoint
+    kind: str = "direct"  # direct | kv_b | conv1d | checkpoint
 
 
 def _join_kv_b(embed_q: np.ndarray, unembed_out: np.ndarray) -> np.ndarray:
@@ -66,8 +79,13 @@ def _join_kv_b(embed_q: np.ndarray, unembed_out: np.ndarray) -> np.ndarray:
     return per_head.reshape(-1, per_head.shape[-1])
 
 
+def _conv_kernel_last(weight: np.ndarray) -> np.ndarray:
+    """``[C, K, 1]`` (mlx's ``nn.Conv1d`` layout) -> the checkpoint's ``[C, 1, K]``."""
+    return weight.swapaxes(1, 2)
+
+
 # mlx-lm's rearrangements undone, by kind (module-level so a test can break one).
-INVERSES = {"kv_b": _join_kv_b}
+INVERSES = {"kv_b": _join_kv_b, "conv1d": _conv_kernel_last}
 
 
 def dequantize(
@@ -87,24 +105,34 @@ def dequantize(
 class MlxWeights:
     """A :class:`references.weights.WeightSource` over an MLX model directory.
 
-    ``checkpoint_dir`` is the checkpoint the directory was made from: its config.json fixes the
-    shapes every tensor must have (checked before anything is computed) and its safetensors
-    supply what mlx-lm dropped (the MTP layers).
+    ``checkpoint_dir`` is the checkpoint the directory was made from: its config.json (Ling-2.6)
+    or its safetensors' headers (Ling 3.0) fix the shapes every tensor must have (checked before
+    anything is computed) and its safetensors supply what mlx-lm dropped (the MTP layers).
     """
 
     streamed = True
 
     def __init__(self, model_dir: Path | str, checkpoint_dir: Path | str) -> None:
-        from references.checkpoint_io import planned_tensors
-        from references.config import load_config
+        from harness.backends.families import checkpoint_family
 
         self.path = Path(model_dir)
         self.checkpoint = Path(checkpoint_dir)
         self.config = read_config(self.path)
         self.quantization = dir_quantization(self.path)
-        self.cfg = load_config(self.checkpoint)
+        self.family = checkpoint_family(self.checkpoint) or "ling26"
+        self.files = self._files()  # what mlx_lm's load_model reads
         self.stored = self._inventory()
-        ckpt_where, ckpt_shapes = planned_tensors(self.checkpoint, self.cfg)
+        if self.family == "ling3":
+            from references.ling3.config import load_config as ling3_config
+
+            self.cfg = ling3_config(self.checkpoint)
+            ckpt_where, ckpt_shapes = _header_shapes(self.checkpoint)
+        else:
+            from references.checkpoint_io import planned_tensors
+            from references.config import load_config
+
+            self.cfg = load_config(self.checkpoint)
+            ckpt_where, ckpt_shapes = planned_tensors(self.checkpoint, self.cfg)
         self._ckpt_where = ckpt_where
         self.plans = self._plans(ckpt_shapes)
         self._expected = ckpt_shapes
@@ -122,6 +150,9 @@ class MlxWeights:
         if plan.kind == "kv_b":
             q, o = (self.stored[k].shape for k in plan.keys)
             return (q[0] * (q[2] + o[1]), q[1])
+        if plan.kind == "conv1d":
+            c, k, one = self.stored[plan.keys[0]].shape
+            return (c, one, k)
         shape = self.stored[plan.keys[0]].shape
         return shape[1:] if plan.expert is not None else shape
 
@@ -139,6 +170,8 @@ class MlxWeights:
         elif plan.kind == "kv_b":
             arr = INVERSES["kv_b"](*(self._read(k) for k in plan.keys))
             arr = arr if rows is None else arr[rows[0] : rows[1]]
+        elif plan.kind == "conv1d":
+            arr = INVERSES["conv1d"](self._read(plan.keys[0], rows=rows))
         else:  # a quantized row is whole groups: rows are read (and dequantized) alone
             arr = self._read(plan.keys[0], index=plan.expert, rows=rows)
         return finite_tensor(arr, cols, dtype, device,
@@ -165,7 +198,7 @@ class MlxWeights:
     def _inventory(self) -> dict[str, Stored]:
         """Every stored tensor from the headers; a quantized weight as its dequantized shape."""
         raw: dict[str, tuple[Path, tuple[int, ...]]] = {}
-        for path in self._files():
+        for path in self.files:
             try:
                 with safe_open(path, framework="pt") as fh:
                     for key in fh.keys():  # noqa: SIM118 (safe_open is no mapping)
@@ -226,8 +259,13 @@ class MlxWeights:
                                      "be rebuilt")
                 hf = key.removesuffix(EMBED_Q) + "attention.kv_b_proj.weight"
                 out[hf] = Plan(hf, (key, partner), kind="kv_b")
+            elif self.family == "ling3" and key.endswith(CONV1D) and len(stored.shape) == 3:
+                out[key] = Plan(key, (key,), kind="conv1d")
             elif not key.endswith(UNEMBED_OUT):
                 out[key] = Plan(key, (key,))
+        tied = self.family == "ling3" and self.cfg.tie_word_embeddings
+        if tied and LM_HEAD in ckpt_shapes and LM_HEAD not in out and EMBEDDINGS in out:
+            out[LM_HEAD] = Plan(LM_HEAD, (EMBEDDINGS,))  # the tied head sanitize dropped
         n = self.cfg.num_hidden_layers
         for hf in ckpt_shapes:
             m = _LAYER.match(hf)
@@ -291,6 +329,24 @@ class MlxWeights:
                 return _numpy(_slice(fh.get_slice(name), None, rows))
         except (SafetensorError, OSError) as e:
             raise InputError(f"{path}: tensor {name} cannot be read ({e})") from None
+
+
+def _header_shapes(checkpoint: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+    """(name -> file, name -> shape) of every tensor of a (Ling 3.0) checkpoint, from its
+    safetensors headers: transformers, the reference, loads them all."""
+    from references.checkpoint_io import weight_files
+
+    where = weight_files(checkpoint)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(set(where.values())):
+        try:
+            with safe_open(path, framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 (safe_open is no mapping)
+                    if where.get(key) == path:
+                        shapes[key] = tuple(fh.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{path}: unreadable safetensors file ({e})") from None
+    return where, shapes
 
 
 def _slice(view: Any, index: int | None, rows: tuple[int, int] | None) -> torch.Tensor:
