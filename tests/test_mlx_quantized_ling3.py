@@ -4,7 +4,7 @@
 transformers' model, then runs on the directory's own weights: :class:`MlxWeights` reads them back
 under the checkpoint's names (``bailing_moe_v3``'s ``sanitize`` inverted: experts unstacked,
 ``kv_b_proj`` rejoined, the short-convolution kernels moved back, the dropped MTP layer read from
-the checkpoint), written as a checkpoint folder transformers loads (``weights_mlx=DIR``), with no
+the checkpoint), overwriting every weight of transformers' model (``weights_mlx=DIR``), with no
 activation rounding (mlx's quantized matmul keeps float32 activations), so the port is held to
 the float32 tolerance (harness.checks.quantized.port_tolerance).  Each claim could have failed:
 the mapping is bit-exact on an unquantized directory and a reversed conv kernel is caught; the
@@ -175,7 +175,7 @@ def test_a_right_quantized_mlx_ling3_port_passes_and_reports_what_it_lost(bits, 
     logits = loss.table.set_index("point").loc["result_output"]
     assert logits["nmse"] > 1e3 * DEFAULT_TOLERANCES["float32"].nmse  # what the weights lost
     assert loss.kld["mean_kld"] > 0
-    assert any("MLX model directory" in f and "written back" in f for f in session.findings)
+    assert any("MLX model directory" in f and "overwritten" in f for f in session.findings)
 
 
 @pytest.mark.parametrize("mode", ["prefill", "decode"])

@@ -1,13 +1,15 @@
 """A quantized upstream Ling 3.0 port (llama.cpp's ``bailingmoe3``) is judged in two parts too.
 
 Ling 3.0's reference is transformers' model; for a quantized GGUF it runs on the GGUF's own
-weights, written back as a checkpoint folder (harness/quant/dequantized_checkpoint.py), and
+weights, every weight of transformers' model overwritten from the GGUF
+(harness/backends/transformers_port_weights.py), and
 rounds where ggml-cpu rounds, with MLA absorbed as the port's graph computes it
 (harness/backends/transformers_port_arithmetic.py).  Each claim could have failed: without the
 rounding the right port fails in layer 0, a port reading the KDA gate's bound wrong fails at
-layer 0's KDA output, and a reference head that concatenates in the wrong order fails the MTP
-check at an mtp_* point.  A quantized MLX Ling 3.0 port (mlx-lm's ``bailing_moe_v3``) is judged
-the same way on its directory's weights: tests/test_mlx_quantized_ling3.py.
+the first KDA output it moves beyond the tolerance, and a reference head that concatenates in
+the wrong order fails the MTP check at an mtp_* point.  A quantized MLX Ling 3.0 port (mlx-lm's
+``bailing_moe_v3``) is judged the same way on its directory's weights:
+tests/test_mlx_quantized_ling3.py.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from harness.backends.targets import REFERENCE, Target
 from harness.checks import quantized
 from harness.checks.cases import CASES_DIR, DEFAULT_TOLERANCES, load_case, materialize
 from harness.checks.session import CheckSession, Subject
-from harness.core.errors import InputError
 
 pytestmark = pytest.mark.slow
 
@@ -111,42 +112,21 @@ def test_a_quantized_ling3_mtp_head_is_judged_on_the_ports_own_hidden_state():
     assert wrong.result.mtp_first_divergence.startswith("mtp_")
 
 
-def test_the_dequantized_checkpoint_holds_the_gguf_s_values_under_the_checkpoint_s_names():
-    from safetensors.numpy import load_file
-
+def test_on_an_f32_gguf_the_reference_holds_exactly_the_checkpoint_s_weights():
+    # the GGUF's tensors under transformers' names: every rename, the fused experts and the
+    # concatenated convolution kernels undone right (A_log is stored as exp(A_log): its log is
+    # exact only to rounding)
     from harness.backends.llamacpp_backend import candidate_gguf
-    from harness.quant.dequantized_checkpoint import dequantized_checkpoint
-    from harness.quant.gguf_weights import GgufWeights
-    from references.checkpoint_io import weight_files
-    from references.config import read_config_json
+    from harness.backends.transformers_ling3 import load_ling3
 
     checkpoint = materialize(LING3)
-    gguf = candidate_gguf(Target.parse("llamacpp:quant=Q4_K_M"), checkpoint)
-    weights = GgufWeights(gguf, read_config_json(checkpoint / "config.json"))
-    folder = dequantized_checkpoint(weights, checkpoint, gguf)
-    assert dequantized_checkpoint(weights, checkpoint, gguf) == folder  # cached
-    written = {}
-    for f in folder.glob("*.safetensors"):
-        written.update(load_file(f))
-    assert set(written) == set(weight_files(checkpoint))
-    import torch
-
-    for name in ("model.layers.1.attention.kv_b_proj.weight",
-                 "model.layers.1.mlp.experts.3.down_proj.weight", "lm_head.weight"):
-        expect = weights.get(name, torch.float32, torch.device("cpu")).numpy()
-        assert np.array_equal(written[name], expect), name
-    assert (folder / "config.json").read_bytes() == (checkpoint / "config.json").read_bytes()
-
-
-def test_a_gguf_missing_a_checkpoint_tensor_is_an_input_error_naming_it(tmp_path: Path):
-    from harness.quant.dequantized_checkpoint import dequantized_checkpoint
-
-    class Partial:
-        path = tmp_path / "partial.gguf"
-
-        def has(self, name: str) -> bool:
-            return name != "lm_head.weight"
-
-    Partial.path.write_bytes(b"x")
-    with pytest.raises(InputError, match=r"partial\.gguf: holds no tensor for lm_head\.weight"):
-        dequantized_checkpoint(Partial(), materialize(LING3), Partial.path)
+    gguf = candidate_gguf(Target.parse("llamacpp"), checkpoint)
+    plain = load_ling3(checkpoint, Target.parse(REFERENCE).options()).model
+    ported = load_ling3(checkpoint, Target.parse(f"{REFERENCE}:weights_gguf={gguf}").options())
+    own = dict(plain.named_parameters())
+    for name, value in ported.model.named_parameters():
+        if name.endswith("A_log"):
+            assert np.allclose(value.detach(), own[name].detach(), rtol=1e-6), name
+        else:
+            assert (value == own[name]).all(), name
+    assert any("dequantized from" in f for f in ported.findings)

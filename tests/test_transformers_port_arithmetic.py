@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from harness.backends.targets import REFERENCE, Target
-from harness.backends.transformers_port_arithmetic import checkpoint_names, install
+from harness.backends.transformers_port_arithmetic import install
+from harness.backends.transformers_port_weights import checkpoint_name
 from harness.checks.cases import CASES_DIR, load_case, materialize
 from harness.core import capture_points
 from harness.core.errors import InputError
@@ -48,7 +49,10 @@ def load(checkpoint):
     ("lm_head", "lm_head.weight"),
 ])
 def test_a_module_is_traced_back_to_its_checkpoint_tensor(module: str, name: str) -> None:
-    assert checkpoint_names(module)[0] == name
+    from references.checkpoint_io import weight_files
+
+    names = set(weight_files(materialize(LING3)))
+    assert checkpoint_name(f"{module}.weight", Exact(names)) == name
 
 
 def test_every_projection_of_transformers_ling3_has_its_checkpoint_tensor() -> None:
@@ -61,7 +65,7 @@ def test_every_projection_of_transformers_ling3_has_its_checkpoint_tensor() -> N
     model = load(checkpoint).model
     linears = [p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert linears
-    assert all(any(n in names for n in checkpoint_names(p)) for p in linears)
+    assert all(checkpoint_name(f"{p}.weight", Exact(names)) in names for p in linears)
 
 
 def test_with_nothing_to_round_it_computes_transformers_function() -> None:
@@ -87,6 +91,62 @@ def test_a_projection_without_a_tensor_in_the_port_file_is_named() -> None:
     checkpoint = materialize(LING3)
     model = load(checkpoint).model
     gone = "model.layers.0.attention.g_proj.weight"
-    with pytest.raises(InputError, match=r"exact\.gguf: no GGUF tensor for transformers' "
+    with pytest.raises(InputError, match=r"exact\.gguf: no GGUF tensor model\.layers\.0\."
+                                         r"attention\.g_proj\.weight for transformers' "
                                          r"model\.layers\.0\.self_attn\.g_proj"):
         install(model, Exact(weight_files(checkpoint), missing=gone))
+
+
+class CheckpointWeights:
+    """The checkpoint's own tensors as a weight source (``hide``: one left out; ``reshape``:
+    one given another shape): what a port's weights look like to the loader."""
+
+    path = "port.gguf"
+
+    def __init__(self, checkpoint, hide: str | None = None, reshape: str | None = None) -> None:
+        from references.checkpoint_io import weight_files
+
+        self.where = weight_files(checkpoint)
+        self.hide, self.reshape = hide, reshape
+
+    def has(self, name: str) -> bool:
+        return name in self.where and name != self.hide
+
+    def get(self, name, dtype, device):
+        from safetensors import safe_open
+
+        with safe_open(self.where[name], framework="pt") as fh:
+            t = fh.get_tensor(name).to(device, dtype)
+        return t.flatten() if name == self.reshape else t
+
+
+def test_every_weight_is_overwritten_from_the_port_s_tensors() -> None:
+    from harness.backends.transformers_port_weights import load_port_weights
+
+    checkpoint = materialize(LING3)
+    model = load(checkpoint).model
+    with __import__("torch").no_grad():
+        for p in model.parameters():
+            p.zero_()
+    read = load_port_weights(model, CheckpointWeights(checkpoint))
+    reference = dict(load(checkpoint).model.named_parameters())
+    for name, value in model.named_parameters():
+        assert (value == reference[name]).all(), name
+    experts = LING3.config["num_experts"]
+    assert read > experts * 3  # every expert's gate, up and down, one at a time
+
+
+def test_a_tensor_the_port_lacks_or_shapes_otherwise_is_named() -> None:
+    from harness.backends.transformers_port_weights import load_port_weights
+
+    checkpoint = materialize(LING3)
+    model = load(checkpoint).model
+    gone = "model.layers.1.mlp.experts.3.up_proj.weight"
+    with pytest.raises(InputError, match=r"port\.gguf: no tensor model\.layers\.1\.mlp\.experts"
+                                         r"\.3\.up_proj\.weight for transformers' "
+                                         r"model\.layers\.1\.mlp\.experts\.gate_up_proj"):
+        load_port_weights(model, CheckpointWeights(checkpoint, hide=gone))
+    bent = "model.layers.0.attention.k_conv1d.weight"
+    with pytest.raises(InputError, match=r"k_conv1d\.weight has shape \(256,\); transformers' "
+                                         r"model\.layers\.0\.self_attn\.conv1d\.weight"):
+        load_port_weights(model, CheckpointWeights(checkpoint, reshape=bent))

@@ -51,7 +51,7 @@ class TransformersOptions:
     experts_implementation: Literal["eager", "grouped_mm"] | None = None
     variant: str | None = None  # MTP runs only: one of the mtp_* mutations (references.ling3.mtp)
     # a GGUF whose dequantized weights replace the checkpoint's (a quantized port's own weights,
-    # written back as a checkpoint folder: harness.quant.dequantized_checkpoint)
+    # every weight of transformers' model overwritten: harness.backends.transformers_port_weights)
     weights_gguf: Path | None = None
     # an MLX model directory (mlx-lm's bailing_moe_v3) whose dequantized weights replace the
     # checkpoint's (harness.quant.mlx_weights, written back the same way); mlx's quantized matmul
@@ -131,9 +131,9 @@ def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLin
     weight_files(checkpoint_dir)  # a tensor in two files is refused before transformers picks one
     weights = None
     if opts.weights_gguf is not None:
-        weights, checkpoint_dir = _port_weights(checkpoint_dir, opts)
+        weights = _gguf_weights(checkpoint_dir, opts.weights_gguf)
     elif opts.weights_mlx is not None:
-        weights, checkpoint_dir = _mlx_weights(checkpoint_dir, opts.weights_mlx)
+        weights = _mlx_weights(checkpoint_dir, opts.weights_mlx)
     dtype = getattr(torch, options.dtype)
     experts = opts.experts_implementation or ("eager" if options.dtype == "float64" else None)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": opts.attn_implementation
@@ -149,50 +149,49 @@ def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLin
         ) from None
     model = model.to(options.device).eval()
     loaded = TransformersLing3Model(model, cfg.vocab_size, options.dtype)
-    loaded.weights_dir = checkpoint_dir
-    if weights is not None and opts.activations == "ggml-cpu":
-        from harness.backends.transformers_port_arithmetic import install
+    if weights is None:
+        return loaded
+    from harness.backends.transformers_port_weights import load_port_weights
 
-        loaded.port_weights = install(model, weights)
+    load_port_weights(model, weights)
+    loaded.weights_source = weights
     if opts.weights_gguf is not None:
+        if opts.activations == "ggml-cpu":
+            from harness.backends.transformers_port_arithmetic import install
+
+            loaded.port_weights = install(model, weights)
         loaded.findings = [
-            f"reference weights dequantized from {opts.weights_gguf} (written back as the "
-            f"checkpoint folder {checkpoint_dir}), not read from the checkpoint's safetensors"
+            f"reference weights dequantized from {opts.weights_gguf} (every weight of "
+            "transformers' model overwritten), not read from the checkpoint's safetensors"
             + ("; activations rounded as ggml-cpu's matmuls round them, MLA absorbed"
                if opts.activations == "ggml-cpu" else "")]
-    elif weights is not None:  # MlxWeights: what it dequantized, what it read from elsewhere
-        loaded.findings = [f"{weights.findings[0]}; written back as the checkpoint folder "
-                           f"{checkpoint_dir}; activations exact (mlx's quantized matmul keeps "
-                           "them in float32)", *weights.findings[1:]]
+    else:  # MlxWeights: what it dequantized, what it read from elsewhere
+        loaded.findings = [f"{weights.findings[0]}; every weight of transformers' model "
+                           "overwritten; activations exact (mlx's quantized matmul keeps them "
+                           "in float32)", *weights.findings[1:]]
     return loaded
 
 
-def _port_weights(checkpoint_dir: Path, opts: TransformersOptions) -> tuple[Any, Path]:
-    """(the GGUF as weights, the checkpoint folder written from them) for ``weights_gguf``."""
-    from harness.quant.dequantized_checkpoint import dequantized_checkpoint
+def _gguf_weights(checkpoint_dir: Path, gguf: Path) -> Any:
+    """``weights_gguf`` read back under the checkpoint's names."""
     from harness.quant.gguf_weights import GgufWeights
     from references.config import read_config_json
 
-    gguf = Path(opts.weights_gguf).expanduser()
+    gguf = Path(gguf).expanduser()
     if not gguf.is_file():
         raise InputError(f"{WHERE}: weights_gguf={gguf}: file not found")
-    weights = GgufWeights(gguf, read_config_json(checkpoint_dir / "config.json"))
-    return weights, dequantized_checkpoint(weights, checkpoint_dir, gguf)
+    return GgufWeights(gguf, read_config_json(checkpoint_dir / "config.json"))
 
 
-def _mlx_weights(checkpoint_dir: Path, model_dir: Path) -> tuple[Any, Path]:
-    """(the MLX directory as weights, the checkpoint folder written from them) for
-    ``weights_mlx``: cached by the directory's first weight file (every conversion rewrites all
-    of them)."""
-    from harness.quant.dequantized_checkpoint import dequantized_checkpoint
+def _mlx_weights(checkpoint_dir: Path, model_dir: Path) -> Any:
+    """``weights_mlx`` read back under the checkpoint's names."""
     from harness.quant.mlx_weights import MlxWeights
 
     model_dir = Path(model_dir).expanduser()
     if not (model_dir / "config.json").is_file():
         raise InputError(f"{WHERE}: weights_mlx={model_dir}: no config.json there (an MLX model "
                          "directory was expected)")
-    weights = MlxWeights(model_dir, checkpoint_dir)
-    return weights, dequantized_checkpoint(weights, checkpoint_dir, weights.files[0])
+    return MlxWeights(model_dir, checkpoint_dir)
 
 
 class _Recorder(Recorder):
@@ -222,7 +221,7 @@ class TransformersLing3Model:
         self.dtype = dtype
         self.vocab_size = vocab_size
         self.n_layers = int(model.config.num_hidden_layers)
-        self.weights_dir: Path | None = None  # the folder the weights were loaded from
+        self.weights_source: Any = None  # a port's weights (GgufWeights, MlxWeights), if any
         self.port_weights: Any = None  # PortArithmetic: the GGUF whose rounding it emulates
         self.findings: list[str] = []
         self._anchors: dict[str, Any] = {}

@@ -1,7 +1,7 @@
 """transformers' Ling 3.0 computing what a quantized llama.cpp port computes on its own weights.
 
-A quantized Ling 3.0 port is judged against transformers' model run on the port's weights (a
-checkpoint folder written from the GGUF, :mod:`harness.quant.dequantized_checkpoint`).  What
+A quantized Ling 3.0 port is judged against transformers' model run on the port's weights
+(every weight overwritten from the GGUF, :mod:`harness.backends.transformers_port_weights`).  What
 still separates the two, beyond float32 arithmetic, is where ggml rounds: its CPU matmul rounds
 each activation row to the weight type's vec_dot type first (q8_0, q8_1, q8_K, f16, bf16;
 :mod:`references.activation_rounding`).  :func:`install` makes transformers' model round where
@@ -37,28 +37,6 @@ from references.mla import MLACache, MLADims, attend
 from references.ops import linear, swiglu
 
 WHERE = "transformers (Ling 3.0) on a port's weights"
-
-# transformers' bailing_hybrid conversion mapping, reversed for the modules that project
-# (transformers' name fragment -> the checkpoint's); the first that matches wins.
-_RENAMES = (
-    (".self_attn.forget_gate.f_proj", ".attention.f_proj"),
-    (".self_attn.o_proj", ".attention.dense"),  # MLA; KDA's keeps o_proj (tried second)
-    (".self_attn.", ".attention."),
-)
-
-
-def checkpoint_names(module_path: str) -> list[str]:
-    """The checkpoint tensor names transformers' Linear ``module_path`` may have come from."""
-    out = []
-    for ours, theirs in _RENAMES:
-        if ours in module_path:
-            out.append(module_path.replace(ours, theirs) + ".weight")
-    if ".self_attn.o_proj" in module_path:
-        out.append(module_path.replace(".self_attn.", ".attention.") + ".weight")
-    if module_path == "lm_head":  # tied: the port multiplies by its token embedding
-        out += ["lm_head.weight", "model.word_embeddings.weight"]
-    return list(dict.fromkeys(out)) or [f"{module_path}.weight"]
-
 
 @dataclass
 class PortArithmetic:
@@ -103,12 +81,14 @@ def install(model: Any, weights: Any) -> PortArithmetic:
 
 
 def _checkpoint_name(path: str, weights: Any) -> str:
-    names = checkpoint_names(path)
-    for name in names:
-        if weights.has(name):
-            return name
-    raise InputError(f"{weights.path}: no GGUF tensor for transformers' {path} (looked for "
-                     f"{' or '.join(names)}): cannot round its input as the port does")
+    """The checkpoint tensor of transformers' projection ``path`` (its weight's source)."""
+    from harness.backends.transformers_port_weights import checkpoint_name
+
+    name = checkpoint_name(f"{path}.weight", weights)
+    if not weights.has(name):
+        raise InputError(f"{weights.path}: no GGUF tensor {name} for transformers' {path}: "
+                         "cannot round its input as the port does")
+    return name
 
 
 def _like(block_min: Any, weight: torch.Tensor) -> Any:

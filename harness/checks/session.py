@@ -229,6 +229,11 @@ class PairCheck(Check):
                      == (subject.name, subject.prompt, dequantized.label, reference.label,
                          "prefill")), None)
         if loss is None:
+            # its own captures first, then free it: the original reference loads next, and two
+            # float64 models at once would double the peak (transformers' Ling 3.0 holds all)
+            session.captures(dequantized, subject.checkpoint, subject.tokens, "prefill",
+                             subject.decode_steps)
+            session.release(subject.checkpoint, dequantized)
             loss = self.compare_with(session, subject, dequantized, reference, INFORMATIONAL,
                                      "prefill")
         session.release(subject.checkpoint, dequantized)

@@ -84,11 +84,13 @@ def mtp_tensor_shapes(cfg: Ling3Config) -> dict[str, tuple[int, ...]]:
 def read_mtp_weights(
     checkpoint_dir: Path, cfg: Ling3Config, dtype: torch.dtype, device: str = "cpu",
     declare: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    source: Any = None,
 ) -> MTPHead:
     """Read and check ``model.layers.{L}.*``; a missing or ill-shaped tensor names file and name.
 
-    ``declare(name, tensor)``: marks how a port rounds the input of each weight
-    (:mod:`references.activation_rounding`), for a head run on a quantized port's weights."""
+    ``source``: a weight source (``has``/``get`` under the checkpoint's names: a quantized port's
+    own weights) read instead of the checkpoint's files; ``declare(name, tensor)`` marks how that
+    port rounds the input of each weight (:mod:`references.activation_rounding`)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not cfg.num_nextn_predict_layers:
         raise InputError(
@@ -96,19 +98,27 @@ def read_mtp_weights(
             "draft with"
         )
     shapes = mtp_tensor_shapes(cfg)
-    where = weight_files(checkpoint_dir)
+    where = weight_files(checkpoint_dir) if source is None else {
+        n: getattr(source, "path", "the port's weights") for n in shapes if source.has(n)}
     missing = [n for n in shapes if n not in where]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise InputError(
-            f"{checkpoint_dir}: missing MTP tensor(s) {', '.join(missing[:3])}{more} "
+            f"{checkpoint_dir if source is None else next(iter(where.values()), source)}: "
+            f"missing MTP tensor(s) {', '.join(missing[:3])}{more} "
             f"(config.json has num_nextn_predict_layers = {cfg.num_nextn_predict_layers})"
         )
-    arrays = read_tensors(where, shapes)
+    arrays = read_tensors(where, shapes) if source is None else {}
     acc = accumulation_dtype(dtype)
 
     def get(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
-        t = torch.from_numpy(arrays[name]).to(device=device, dtype=as_dtype)
+        if source is None:
+            t = torch.from_numpy(arrays[name]).to(device=device, dtype=as_dtype)
+        else:
+            t = source.get(name, as_dtype, torch.device(device))
+            if tuple(t.shape) != shapes[name]:
+                raise InputError(f"{where[name]}: {name} has shape {tuple(t.shape)}, the "
+                                 f"config implies {shapes[name]}")
         return t if declare is None else declare(name, t)
 
     def swiglu(prefix: str) -> SwiGLUWeights:
@@ -344,9 +354,9 @@ def load_ling3_mtp(
     embed = hf.model.embed_tokens.weight.detach()
     # a trunk on a port's weights: the head reads them too, and rounds where the port does
     port = getattr(trunk, "port_weights", None)
-    weights = read_mtp_weights(getattr(trunk, "weights_dir", None) or checkpoint_dir, cfg,
-                               embed.dtype, str(embed.device),
-                               None if port is None else port.declare)
+    weights = read_mtp_weights(checkpoint_dir, cfg, embed.dtype, str(embed.device),
+                               None if port is None else port.declare,
+                               source=getattr(trunk, "weights_source", None))
     head = Ling3MtpHead(
         cfg,
         weights,
