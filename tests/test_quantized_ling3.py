@@ -101,9 +101,21 @@ def test_a_ling3_port_with_a_wrong_kda_gate_bound_fails_at_a_kda_output(tmp_path
         assert any(table.loc[cut + 1 :, "passed"])  # later layers start from the port's values
 
 
-def test_a_quantized_ling3_mtp_head_is_judged_on_the_ports_own_hidden_state():
+def _mlx_missing() -> str | None:
+    from harness.backends.mlx_backend import MlxBackend
+
+    available = MlxBackend().availability()
+    return None if available.ok else available.reason
+
+
+@pytest.mark.parametrize("spec", [
+    "llamacpp:quant=Q4_K_M",
+    pytest.param("mlx:bits=4", marks=pytest.mark.skipif(_mlx_missing() is not None,
+                                                        reason=str(_mlx_missing()))),
+])
+def test_a_quantized_ling3_mtp_head_is_judged_on_the_ports_own_hidden_state(spec):
     subject = Subject.from_case(MTP_CASE, MTP_CASE.prompts[0].name)
-    candidate = Target.parse("llamacpp:quant=Q4_K_M")
+    candidate = Target.parse(spec)
     right = CheckSession().run("mtp", subject, candidate, Target.parse(REFERENCE))
     assert right.passed, right.message
     wrong_head = Target.parse(f"{REFERENCE}:variant=mtp_concat_swapped")
