@@ -343,6 +343,8 @@ class _Recorder:
 class BailingHybridReference:
     """A checkpoint loaded for reference computation; :meth:`start` opens decode sessions."""
 
+    ANCHOR_STEMS: tuple[str, ...] = ANCHOR_STEMS  # the per-layer points :meth:`start` anchors
+
     def __init__(
         self,
         cfg: BailingHybridConfig,

@@ -321,3 +321,30 @@ def test_a_reference_on_the_unquantized_weights_is_caught(site: Path) -> None:
     bad = tracking_failures(report, "Q4_K_M")
     assert any(b.startswith("l_out-0: port-vs-dequantized") for b in bad), bad
     assert any(b.startswith("logits:") for b in bad), bad
+
+
+@pytest.mark.slow  # quantizes flash-mini (cached)
+def test_a_row_or_column_range_of_a_q5_1_weight_declares_its_own_block_minima() -> None:
+    """ggml's Q4_1/Q5_1 matmul adds ``m * s`` per block: a streamed read of some rows or
+    columns must carry exactly those rows' and columns' minima, or its rounding is another
+    weight's (Q5_K_M falls back to Q5_1 on flash-mini's 64-wide rows)."""
+    from harness.backends.llamacpp_backend import candidate_gguf
+    from harness.backends.targets import Target
+    from references.activation_rounding import block_min, declared
+
+    ckpt = checkpoint("flash-mini")
+    gguf = candidate_gguf(Target.parse("llamacpp:quant=Q5_K_M"), ckpt)
+    weights = GgufWeights(gguf, json.loads((ckpt / "config.json").read_text()),
+                          activations="ggml-cpu")
+    for name in ("model.layers.0.mlp.gate_proj.weight",
+                 "model.layers.1.mlp.experts.5.gate_proj.weight"):
+        assert weights.gguf_types(name) == ("Q5_1",), name
+        whole = weights.get(name, torch.float64, CPU)
+        m = block_min(whole)
+        assert declared(whole) == "q8_1" and m.shape == (whole.shape[0], whole.shape[1] // 32)
+        assert m.abs().sum() > 0
+        rows = weights.get(name, torch.float64, CPU, rows=(3, 17))
+        cols = weights.get(name, torch.float64, CPU, cols=(32, 64))
+        assert torch.equal(block_min(rows), m[3:17]), name
+        assert torch.equal(block_min(cols), m[:, 1:2]), name
+        assert torch.equal(rows, whole[3:17]) and torch.equal(cols, whole[:, 32:64])

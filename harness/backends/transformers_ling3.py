@@ -159,7 +159,7 @@ def load_ling3(checkpoint_dir: Path, options: BackendOptions) -> TransformersLin
         if opts.activations == "ggml-cpu":
             from harness.backends.transformers_port_arithmetic import install
 
-            loaded.port_weights = install(model, weights)
+            loaded.port_arithmetic = install(model, weights)
         loaded.findings = [
             f"reference weights dequantized from {opts.weights_gguf} (every weight of "
             "transformers' model overwritten), not read from the checkpoint's safetensors"
@@ -222,7 +222,7 @@ class TransformersLing3Model:
         self.vocab_size = vocab_size
         self.n_layers = int(model.config.num_hidden_layers)
         self.weights_source: Any = None  # a port's weights (GgufWeights, MlxWeights), if any
-        self.port_weights: Any = None  # PortArithmetic: the GGUF whose rounding it emulates
+        self.port_arithmetic: Any = None  # PortArithmetic: the rounding of a GGUF it emulates
         self.findings: list[str] = []
         self._anchors: dict[str, Any] = {}
         # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40).

@@ -49,8 +49,8 @@ class PortArithmetic:
     def declare(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Mark ``tensor`` (checkpoint tensor ``name``) with the port's rounding of its input:
         for the weights our MTP head reads itself (references.ling3.mtp)."""
-        kind, block_min = self.weights.declaration(name)
-        return declare(tensor, kind, block_min=_like(block_min, tensor))
+        kind, block_min = self.weights.declaration(name, tensor.dtype, tensor.device)
+        return declare(tensor, kind, block_min=block_min)
 
 
 def install(model: Any, weights: Any) -> PortArithmetic:
@@ -69,12 +69,13 @@ def install(model: Any, weights: Any) -> PortArithmetic:
             _exact_router(module, path, weights)
         elif isinstance(module, torch.nn.Linear):
             name = _checkpoint_name(path, weights)
-            kind, block_min = weights.declaration(name)
+            kind, block_min = weights.declaration(name, module.weight.dtype,
+                                                  module.weight.device)
             kinds = kind if isinstance(kind, tuple) else (kind,)
             if all(k is None for k in kinds) and block_min is None:
                 continue
             rounding += 1
-            declare(module.weight, kind, block_min=_like(block_min, module.weight))
+            declare(module.weight, kind, block_min=block_min)
             if not path.endswith("kv_b_proj"):  # absorbed MLA applies kv_b's parts itself
                 module.forward = types.MethodType(_rounded_linear_forward, module)
     return PortArithmetic(weights, rounding)
@@ -89,14 +90,6 @@ def _checkpoint_name(path: str, weights: Any) -> str:
         raise InputError(f"{weights.path}: no GGUF tensor {name} for transformers' {path}: "
                          "cannot round its input as the port does")
     return name
-
-
-def _like(block_min: Any, weight: torch.Tensor) -> Any:
-    if block_min is None:
-        return None
-    if isinstance(block_min, tuple):
-        return tuple(_like(m, weight) for m in block_min)
-    return block_min.to(weight.device, weight.dtype)
 
 
 def _rounded_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -133,9 +126,9 @@ def _experts(module: Any, path: str, weights: Any) -> int:
             if not weights.has(name):
                 raise InputError(f"{weights.path}: no GGUF tensor for {name}: cannot round "
                                  f"the input of transformers' {path}[{e}] as the port does")
-            kind, block_min = weights.declaration(name)
+            kind, block_min = weights.declaration(name, view.dtype, view.device)
             rounding += kind is not None
-            declare(view, kind, block_min=_like(block_min, view))
+            declare(view, kind, block_min=block_min)
         parts.append(views)
     module._port_parts = parts
     module.forward = types.MethodType(_experts_forward, module)

@@ -40,6 +40,7 @@ import numpy as np
 from harness.backends.targets import Target
 from harness.checks.mtp import RecordedReference
 from harness.core.atomic import staged_dir, write_text
+from harness.core.cache import file_sha256
 from harness.core.captures import Captures
 from harness.core.errors import InputError
 
@@ -164,14 +165,6 @@ def _shards(captures: Captures, store_dtype: str) -> list[dict[str, np.ndarray]]
     return shards
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 MTP_DRAFTS = "mtp.draft_logits."
 MTP_CAPTURE = "mtp.capture."
 
@@ -219,7 +212,7 @@ def write_golden(out: Path, captures: Captures, manifest: Mapping[str, Any],
             name = f"captures-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(tmp / name), metadata={"format": FORMAT})
             files.append({"file": name, "size": (tmp / name).stat().st_size,
-                          "sha256": _file_digest(tmp / name), "points": sorted(shard)})
+                          "sha256": file_sha256(tmp / name), "points": sorted(shard)})
         full = {"format": FORMAT, **manifest, "store_dtype": store_dtype,
                 "capture_points": list(captures), "files": files}
         if section is not None:
@@ -332,7 +325,7 @@ class GoldenRun:
             if size != rec["size"]:
                 raise InputError(f"{path}: golden capture file is {size} bytes, the manifest "
                                  f"records {rec['size']} (truncated or replaced)")
-            if _file_digest(path) != rec["sha256"]:
+            if file_sha256(path) != rec["sha256"]:
                 raise InputError(f"{path}: golden capture file has other bytes than the manifest "
                                  "records (corrupted)")
             try:

@@ -12,7 +12,6 @@ refused (InputError, exit 2) before a model loads. Written atomically (complete 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ import numpy as np
 
 from harness.checks.golden import check_recorded_checkpoint, read_manifest
 from harness.core.atomic import staged_dir, write_text
+from harness.core.cache import file_sha256
 from harness.core.errors import InputError
 
 FORMAT = "bailing-parity-kld-base/1"
@@ -34,14 +34,6 @@ REQUIRED_KEYS = ("format", "ctx", "n_chunks", "first", "reference", "config_sha2
 
 def chunk_file(i: int) -> str:
     return f"chunk-{i + 1:05d}.safetensors"
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class BaseWriter:
@@ -61,7 +53,7 @@ class BaseWriter:
         save_file({"tokens": np.asarray(tokens, dtype=np.int64),
                    "logits": np.ascontiguousarray(logits, dtype=np.float64)},
                   str(path), metadata={"format": FORMAT})
-        self.files.append({"file": name, "size": path.stat().st_size, "sha256": _digest(path)})
+        self.files.append({"file": name, "size": path.stat().st_size, "sha256": file_sha256(path)})
 
     def finish(self) -> None:
         write_text(self.folder / MANIFEST,
@@ -129,7 +121,7 @@ class KldBase:
         path = self.path / rec["file"]
         if not path.is_file():
             raise InputError(f"{path}: base chunk file missing")
-        if path.stat().st_size != rec["size"] or _digest(path) != rec["sha256"]:
+        if path.stat().st_size != rec["size"] or file_sha256(path) != rec["sha256"]:
             raise InputError(f"{path}: base chunk file has other bytes than the manifest records "
                              "(truncated or altered)")
         try:

@@ -114,11 +114,9 @@ def anchor_rows(model: Any, n_tokens: int, candidate: Mapping[str, Any]
                 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """(the candidate's rows at every point ``model`` can anchor, the points it does not
     give): what the reference's sublayers start from to be compared sublayer-local."""
-    from references.model import ANCHOR_STEMS
-
     anchors, missing = {}, []
-    stems = getattr(model, "ANCHOR_STEMS", ANCHOR_STEMS)  # what this reference can anchor
-    points = [f"{stem}-{i}" for i in range(model.n_layers) for stem in stems] + ["result_norm"]
+    points = [f"{stem}-{i}" for i in range(model.n_layers) for stem in model.ANCHOR_STEMS]
+    points.append("result_norm")
     for point in points:
         rows = candidate.get(point)
         if rows is None or np.asarray(rows).shape[0] != n_tokens:

@@ -224,19 +224,18 @@ class PairCheck(Check):
                             subject.tolerance(port_tolerance(dequantized, candidate)),
                             mode=self.mode)
         session.results.append(port)
+        # its own captures, then free it: the original reference may load next, and two
+        # float64 models at once would double the peak (transformers' Ling 3.0 holds all)
+        session.captures(dequantized, subject.checkpoint, subject.tokens, "prefill",
+                         subject.decode_steps)
+        session.release(subject.checkpoint, dequantized)
         loss = next((r for r in session.results
                      if (r.case, r.prompt, r.candidate, r.reference, r.mode)
                      == (subject.name, subject.prompt, dequantized.label, reference.label,
                          "prefill")), None)
         if loss is None:
-            # its own captures first, then free it: the original reference loads next, and two
-            # float64 models at once would double the peak (transformers' Ling 3.0 holds all)
-            session.captures(dequantized, subject.checkpoint, subject.tokens, "prefill",
-                             subject.decode_steps)
-            session.release(subject.checkpoint, dequantized)
             loss = self.compare_with(session, subject, dequantized, reference, INFORMATIONAL,
                                      "prefill")
-        session.release(subject.checkpoint, dequantized)
         message = verdict_text(port, loss)
         if not port.passed and port.first_divergence:
             message = f"{message}\n  {explain_divergence(port.first_divergence)}"

@@ -66,18 +66,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def corpus_ids(checkpoint: Path, corpus: Path) -> tuple[list[int], int | None]:
     """The corpus's ids through the checkpoint's tokenizer (no special tokens) and the BOS id
     that tokenizer adds, if any."""
-    from harness.cli.prompts import Tokenization
+    from harness.cli.prompts import Tokenization, has_tokenizer, read_text
 
     if not corpus.is_file():
         raise InputError(f"{corpus}: --corpus file not found (expected a UTF-8 text file)")
-    try:
-        text = corpus.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{corpus}: not UTF-8 text ({e})") from None
-    except OSError as e:
-        raise InputError(f"{corpus}: cannot be read ({e.strerror})") from None
-    if not any((checkpoint / f).is_file() for f in
-               ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+    text = read_text(corpus)
+    if not has_tokenizer(checkpoint):
         raise InputError(f"{checkpoint}: no tokenizer (expected tokenizer.json or "
                          f"tokenizer.model) to tokenize the corpus {corpus}; --base DIR brings "
                          "its own tokens")

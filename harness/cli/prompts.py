@@ -104,14 +104,25 @@ def tokenize(tok: Tokenization, item: dict[str, Any], *, chat: bool, where: str,
     return text, tuple(ids), templated
 
 
-def _read_prompt_file(path: Path) -> list[tuple[str, dict[str, Any], str]]:
-    """(name, {"text"|"messages": ...}, where) per prompt of a text or .jsonl file."""
+def read_text(path: Path) -> str:
+    """A UTF-8 text file a user gave (prompts, a corpus); InputError naming it otherwise."""
     try:
-        body = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as e:
         raise InputError(f"{path}: cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def has_tokenizer(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` holds a tokenizer :class:`Tokenization` can load."""
+    return any((checkpoint / f).exists() for f in
+               ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"))
+
+
+def _read_prompt_file(path: Path) -> list[tuple[str, dict[str, Any], str]]:
+    """(name, {"text"|"messages": ...}, where) per prompt of a text or .jsonl file."""
+    body = read_text(path)
     if path.suffix != ".jsonl":
         return [("file-1", {"text": body}, str(path))]
     out = []
@@ -159,9 +170,7 @@ class Tokenization:
 
     def _auto_tokenizer(self) -> Any:
         if self._auto is None:
-            if self._fast is None and not any(
-                    (self.checkpoint / f).exists()
-                    for f in ("tokenizer.model", "vocab.json", "tokenizer_config.json")):
+            if self._fast is None and not has_tokenizer(self.checkpoint):
                 raise InputError(
                     f"{self.checkpoint}: no tokenizer in the checkpoint folder (tokenizer.json "
                     "or tokenizer.model) for a text prompt; give token ids with "

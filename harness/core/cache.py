@@ -10,7 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["EDGE_BYTES", "ENV", "file_key", "root"]
+__all__ = ["EDGE_BYTES", "ENV", "file_key", "file_sha256", "root"]
 
 EDGE_BYTES = 2**20  # bytes hashed at each end of a file for its content key
 
@@ -24,6 +24,15 @@ def root() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg).expanduser() / "bailing-parity"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks (a recorded file is checked whole)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def file_key(path: Path, *salt: str) -> str:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core import lifecycle
+from harness.core.cache import file_sha256
 from harness.core.errors import ArchitectureNotSupported, InputError, PortFailure
 from harness.core.progress import Progress, converter_tensor, follow_log
 from harness.llamacpp.identity import (
@@ -145,11 +146,7 @@ def file_digest(p: Path) -> str:
     st = p.stat()
     key = (str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with p.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
+        _DIGESTS[key] = file_sha256(p)
     return _DIGESTS[key]
 
 

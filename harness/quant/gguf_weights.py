@@ -221,21 +221,10 @@ class GgufWeights:
         out = finite_tensor(arr, cols, dtype, device,
                             f"{self.path}: {'+'.join(plan.gguf)} (for {name})")
         if self.activations == "ggml-cpu":
-            types = self.gguf_types(name)
-            kinds = tuple(self.activation_kind(t) for t in types)
-            if rest == KV_B:  # per part, in the GGUF's orientation (rows: what a part yields)
-                mins = tuple(None if k not in _MIN_BLOCK_BYTES else
-                             torch.from_numpy(self._block_min(g)).to(device, dtype)
-                             for k, g in zip(types, plan.gguf, strict=True))
-                declare(out, kinds, block_min=mins if any(m is not None for m in mins) else None)
-                return out
-            m = None
-            if types[0] in _MIN_BLOCK_BYTES and out.ndim == 2:
-                m = self._block_min(plan.gguf[0], plan.expert, rows if sliced else None)
-                m = (m if rows is None or sliced else m[rows[0] : rows[1]])
-                m = m if cols is None else m[:, cols[0] // 32 : cols[1] // 32]
-                m = torch.from_numpy(np.ascontiguousarray(m)).to(device, dtype)
-            declare(out, kinds[0], block_min=m)
+            kind, m = self.declaration(name, dtype, device, rows if sliced else None)
+            if m is not None and cols is not None and rest != KV_B:
+                m = m[:, cols[0] // 32 : cols[1] // 32]
+            declare(out, kind, block_min=m)
         return out
 
     def _block_min(self, name: str, index: int | None = None,
@@ -254,24 +243,31 @@ class GgufWeights:
         finally:
             del mm
 
-    def declaration(self, name: str) -> tuple[Any, Any]:
-        """(kind, block_min) of HF tensor ``name`` whole, as
-        :func:`references.activation_rounding.declare` takes them (a tuple each for MLA's
-        ``kv_b_proj``, stored in two parts): for a model that declares on its own tensors
-        (transformers' Ling 3.0, :mod:`harness.backends.transformers_port_arithmetic`)."""
+    def declaration(self, name: str, dtype: torch.dtype = torch.float64,
+                    device: torch.device | str = "cpu",
+                    rows: tuple[int, int] | None = None) -> tuple[Any, Any]:
+        """(kind, block_min) of HF tensor ``name`` (of its ``rows``, a matrix's), as
+        :func:`references.activation_rounding.declare` takes them: how ggml-cpu's matmul
+        rounds its input, and a Q4_1/Q5_1 weight's per-block minimum ``m`` in ``dtype`` (a
+        tuple each for MLA's ``kv_b_proj``, stored in two parts, each whole).  :meth:`get`
+        declares with it, and so does a model that holds its own tensors (transformers' Ling
+        3.0, :mod:`harness.backends.transformers_port_arithmetic`)."""
         plan = self._plan(name)
         types = self.gguf_types(name)
         kinds = tuple(self.activation_kind(t) for t in types)
 
-        def minimum(type_name: str, gguf: str) -> torch.Tensor | None:
+        def minimum(type_name: str, gguf: str, index: int | None,
+                    part_rows: tuple[int, int] | None) -> torch.Tensor | None:
             if type_name not in _MIN_BLOCK_BYTES:
                 return None
-            return torch.from_numpy(np.ascontiguousarray(self._block_min(gguf, plan.expert)))
+            m = self._block_min(gguf, index, part_rows)
+            return torch.from_numpy(np.ascontiguousarray(m)).to(device, dtype)
 
-        mins = tuple(minimum(t, g) for t, g in zip(types, plan.gguf, strict=True))
-        if _rest(plan.hf) == KV_B:
+        if _rest(plan.hf) == KV_B:  # per part, in the GGUF's orientation (rows: what it yields)
+            mins = tuple(minimum(t, g, None, None) for t, g in zip(types, plan.gguf, strict=True))
             return kinds, (mins if any(m is not None for m in mins) else None)
-        return kinds[0], mins[0]
+        matrix = len(self.shape(name)) == 2
+        return kinds[0], minimum(types[0], plan.gguf[0], plan.expert, rows) if matrix else None
 
     def activation_kind(self, type_name: str) -> str | None:
         """How ggml-cpu rounds the input of a matmul with a weight of this type."""

@@ -353,7 +353,7 @@ def load_ling3_mtp(
     hf = trunk.model
     embed = hf.model.embed_tokens.weight.detach()
     # a trunk on a port's weights: the head reads them too, and rounds where the port does
-    port = getattr(trunk, "port_weights", None)
+    port = getattr(trunk, "port_arithmetic", None)
     weights = read_mtp_weights(checkpoint_dir, cfg, embed.dtype, str(embed.device),
                                None if port is None else port.declare,
                                source=getattr(trunk, "weights_source", None))
